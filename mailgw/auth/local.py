@@ -1,0 +1,70 @@
+"""The ``local`` server group: users and password hashes from a TOML users file.
+
+Hashes are verified in a thread pool (bcrypt/argon2 cost tens of milliseconds of CPU,
+which must never run on the reactor thread).  An unknown user costs the same as a wrong
+password, so the answer time does not tell which user names exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailgw.auth.passwords import verify_password
+from mailgw.auth.portal import AuthenticatedUser
+from mailgw.auth.users import LocalUser, load_users_file
+
+
+#: bcrypt (cost 12) of a random password nobody knows: unknown users are checked
+#: against it so that they take as long as known ones.
+_DECOY_HASH = "$2b$12$KHySddgOSZuPB50h8gNbZeRhF0J/izGWoK7Rl/ECj5uvMaaoGWQ/y"
+
+
+@implementer(ICredentialsChecker)
+class LocalUsersChecker:
+    """Checks VPN user names and passwords against a local users file."""
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(
+        self,
+        group_name: str,
+        users: dict[str, LocalUser],
+        reactor: Any,
+        threadpool: ThreadPool,
+    ) -> None:
+        self.group_name = group_name
+        self._users = users
+        self._reactor = reactor
+        self._threadpool = threadpool
+
+    @classmethod
+    def from_file(cls, group_name: str, path: Path, reactor: Any, threadpool: ThreadPool) -> LocalUsersChecker:
+        return cls(group_name, load_users_file(path), reactor, threadpool)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:
+        return defer.Deferred.fromCoroutine(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> AuthenticatedUser:
+        raw_name = credentials.username
+        name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else str(raw_name)
+        raw_password = credentials.password
+        password = raw_password.decode("utf-8", "replace") if isinstance(raw_password, bytes) else str(raw_password)
+        user = self._users.get(name)
+        stored = user.password_hash if user is not None else _DECOY_HASH
+        ok = await deferToThreadPool(self._reactor, self._threadpool, verify_password, stored, password)
+        if user is None:
+            raise UnauthorizedLogin(f"unknown user in local group {self.group_name!r}")
+        if not ok:
+            raise UnauthorizedLogin(f"wrong password for local user (group {self.group_name!r})")
+        return AuthenticatedUser(name=name, server_group=self.group_name, local_policy=user.group_policy)

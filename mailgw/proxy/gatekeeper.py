@@ -1,0 +1,141 @@
+"""Who may log in, to which server, with which policy: the decisions of a login [4.2,
+4.3, 5.2, 5.5], in one plain object per proxy that gets everything passed in."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Mapping
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.logger import Logger
+
+from mailgw.auth.portal import AAAUnavailable, IVPNIdentity, LoginContext, VPNIdentity
+from mailgw.config import GroupPolicy, ProxyConfig
+from mailgw.proxy.registry import LoginRefused, SessionInfo, SessionRegistry
+from mailgw.upstream import UpstreamTarget
+from mailgw.wire.login import LoginRequest
+
+
+class LoginFailed(Exception):
+    """The login is refused; C{reason} goes to the log, never to the client.
+
+    C{temporary} failures (AAA servers or the mail server unreachable) get the
+    protocol's temporary-failure answer at once; the others the ordinary
+    authentication failure after the failure delay.
+    """
+
+    def __init__(self, reason: str, *, temporary: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.temporary = temporary
+
+
+def _normalise_host(name: str) -> str:
+    name = name.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+class Gatekeeper:
+    """The login decisions of one proxy."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        proxy: ProxyConfig,
+        portals: Mapping[str, Portal],
+        registry: SessionRegistry,
+        lookup_policy: Callable[[str], GroupPolicy | None],
+    ) -> None:
+        self.proxy = proxy
+        self._portals = portals
+        self._registry = registry
+        self._lookup_policy = lookup_policy
+        default = proxy.default_server
+        self._allowed = {_normalise_host(default.host)} | {_normalise_host(h) for h in proxy.allowed_servers}
+
+    def target_for(self, request: LoginRequest) -> UpstreamTarget:
+        """The mail server of a login: the default, or an allowed named one [4.2].
+
+        A server not in C{allowed_servers} is refused before any connection is
+        attempted: the gateway is no open proxy.
+        """
+        default = self.proxy.default_server
+        host = default.host
+        if request.server is not None:
+            if _normalise_host(request.server) not in self._allowed:
+                raise LoginFailed(f"server {request.server!r} is not in allowed_servers")
+            host = request.server.strip("[]")
+        return UpstreamTarget(
+            host=host,
+            port=default.port,
+            tls=default.tls,
+            verify_certificate=default.verify_certificate,
+            ca=default.ca,
+        )
+
+    async def authenticate(self, info: SessionInfo, request: LoginRequest, client_ip: str) -> VPNIdentity:
+        """Establish the VPN identity by the proxy's authentication methods [4.3],
+        then apply simultaneous logins [5.5].  Raises L{LoginFailed}."""
+        reasons: list[str] = []
+        temporary = False
+        identity: VPNIdentity | None = None
+        for method in self.proxy.authentication:
+            if method == "aaa":
+                try:
+                    identity = await self._aaa(request, client_ip)
+                except UnauthorizedLogin as e:
+                    reasons.append(f"aaa: {e}")
+                except AAAUnavailable as e:
+                    reasons.append(f"aaa: {e}")
+                    temporary = True
+            elif method == "mailhost":
+                # SMTPS only: the upstream AUTH is the check; handled by the proxy.
+                continue
+            else:
+                reasons.append(f"{method}: method not available for this login")
+            if identity is not None:
+                break
+        if identity is None:
+            raise LoginFailed("; ".join(reasons) or "no authentication method succeeded", temporary=temporary)
+        self._claim(info, identity)
+        return identity
+
+    async def _aaa(self, request: LoginRequest, client_ip: str) -> VPNIdentity:
+        portal = self._portals[self.proxy.authentication_server_group]
+        context = LoginContext(
+            protocol=self.proxy.protocol,
+            client_ip=client_ip,
+            default_group_policy=self.proxy.default_group_policy,
+            method="aaa",
+        )
+        credentials = UsernamePassword(request.vpn_user.encode("utf-8"), request.vpn_password.encode("utf-8"))
+        _, identity, _ = await portal.login(credentials, context, IVPNIdentity)
+        assert isinstance(identity, VPNIdentity)
+        return identity
+
+    def _claim(self, info: SessionInfo, identity: VPNIdentity) -> None:
+        policy = identity.policy
+        try:
+            victims = self._registry.claim_login(info, identity.user, policy.simultaneous_logins)
+        except LoginRefused as e:
+            raise LoginFailed(f"{e} (group policy {policy.name!r})") from None
+        info.group_policy = policy.name
+        for victim in victims:
+            self.log.info(
+                "Logging off session {victim_session_id} of {user}: simultaneous_logins {limit} "
+                "of group policy {policy} reached by session {session_id}",
+                victim_session_id=victim.session_id,
+                session_id=info.session_id,
+                user=identity.user,
+                limit=policy.simultaneous_logins,
+                policy=policy.name,
+            )
+            victim.owner.terminate(f"logged off: simultaneous_logins reached by session {info.session_id}")

@@ -1,0 +1,180 @@
+"""Builds the gateway's service tree from a configuration and a reactor.
+
+Nothing here reads the clock or the reactor from a global: ``build`` gets both, and
+every object that needs them gets them passed in.  Shared state (the session registry,
+the AAA portals, the TLS context) belongs to the objects created here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from mailgw.auth.local import LocalUsersChecker
+from mailgw.auth.portal import GatewayRealm, make_portal
+from mailgw.auth.unavailable import UnsupportedGroupChecker
+from mailgw.config import Config, InterfaceConfig, LocalGroup, ProxyConfig
+from mailgw.logs import make_observer
+from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
+from mailgw.proxy.gatekeeper import Gatekeeper
+from mailgw.proxy.pop3 import POP3Session
+from mailgw.proxy.registry import SessionRegistry
+from mailgw.tls import ServerTLS, ensure_self_signed
+from mailgw.upstream import Connector
+
+#: the session class of each proxy section; IMAP4S and SMTPS join with their issue
+SESSION_CLASSES: Mapping[str, type[ProxySession]] = {"pop3s": POP3Session}
+
+
+class ThreadPoolService(Service):
+    """Runs a bounded thread pool for blocking work (password hashes) while the
+    service runs."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class Listener(StreamServerEndpointService):
+    """One listening port of one proxy, named for logs and the admin channel."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, *, name: str, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.setName(name)
+        self.description = description
+        # Fail startService (and so the daemon's start) when the port cannot be bound.
+        self._raiseSynchronously = True
+
+
+class GatewayService(MultiService):
+    """The root of the gateway: listeners, thread pool, shared state."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, *, failure_delay: float = 1.0) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.registry = SessionRegistry(reactor)
+        self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="mailgw-aaa")
+        ThreadPoolService(self.threadpool).setServiceParent(self)
+
+        _ensure_private_folder(config.gateway.state_dir)
+        tls = config.tls
+        if tls.generate_self_signed:
+            ensure_self_signed(tls.certificate, tls.private_key, config.gateway.node_name)
+        self.server_tls = ServerTLS(
+            tls.certificate,
+            tls.private_key,
+            minimum_version=tls.minimum_version,
+            client_certificate=tls.client_certificate,
+            client_ca=tls.client_ca,
+        )
+        self.connector = Connector(reactor)
+        realm = GatewayRealm(config.group_policy)
+        self.portals: dict[str, Portal] = {}
+        for group in config.aaa_server_groups:
+            if isinstance(group, LocalGroup):
+                checker: Any = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
+            else:
+                checker = UnsupportedGroupChecker(group.name, group.protocol)
+            self.portals[group.name] = make_portal(checker, realm)
+
+        self.environments: dict[str, ProxyEnvironment] = {}
+        for proxy in config.proxies():
+            session_class = SESSION_CLASSES.get(proxy.protocol)
+            if not proxy.enabled or session_class is None:
+                continue
+            env = ProxyEnvironment(
+                proxy=proxy,
+                clock=reactor,
+                registry=self.registry,
+                gatekeeper=Gatekeeper(proxy, self.portals, self.registry, config.group_policy),
+                connector=self.connector,
+                server_tls=self.server_tls,
+                node_name=config.gateway.node_name,
+                failure_delay=failure_delay,
+            )
+            self.environments[proxy.protocol] = env
+            for interface in config.interfaces:
+                if getattr(interface, proxy.protocol):
+                    for listener in _listeners(reactor, env, session_class, interface):
+                        listener.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd creates the Application after makeService and asks it for an
+        # ILogObserver before it starts logging: give it the configured format.
+        set_component = getattr(parent, "setComponent", None)
+        if set_component is not None:
+            set_component(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def listeners(self) -> list[Listener]:
+        return [s for s in self if isinstance(s, Listener)]
+
+    def startService(self) -> None:
+        super().startService()
+        for listener in self.listeners():
+            self.log.info("Listening: {listener}", listener=listener.description)
+
+
+def _listeners(
+    reactor: Any, env: ProxyEnvironment, session_class: type[ProxySession], interface: InterfaceConfig
+) -> list[Listener]:
+    """The listeners of one proxy on one interface, by C{tls_support} [4.1]."""
+    proxy: ProxyConfig = env.proxy
+    ports: list[tuple[int, bool]] = []
+    if proxy.tls_support in ("enabled", "required"):
+        ports.append((proxy.port, True))
+    if proxy.tls_support in ("enabled", "disabled") and proxy.starttls_port:
+        ports.append((proxy.starttls_port, False))
+    result = []
+    for port, implicit in ports:
+        endpoint: IStreamServerEndpoint
+        if ":" in interface.address:
+            endpoint = TCP6ServerEndpoint(reactor, port, interface=interface.address)
+        else:
+            endpoint = TCP4ServerEndpoint(reactor, port, interface=interface.address)
+        if interface.proxy_protocol:
+            endpoint = proxyEndpoint(endpoint)
+        factory: Factory = ProxyFactory(env, session_class, interface=interface, implicit_tls=implicit)
+        if implicit:
+            factory = TLSMemoryBIOFactory(env.server_tls, False, factory)
+        kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
+        name = f"{proxy.protocol}/{interface.name}/{port}"
+        result.append(Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})"))
+    return result
+
+
+def _ensure_private_folder(path: Path) -> None:
+    """Create the state folder 0700 if missing."""
+    if not path.exists():
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def build(config: Config, reactor: Any, **options: Any) -> GatewayService:
+    """The service tree for C{config}."""
+    return GatewayService(config, reactor, **options)
+
+

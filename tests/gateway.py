@@ -1,0 +1,161 @@
+"""A mailgw gateway for integration tests: configuration written to a temporary
+folder, the service tree built in the test's reactor on free loopback ports, stopped
+on cleanup.  Real clients talk to it from threads or subprocesses (never blocking the
+reactor the gateway runs in)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+from twisted.internet import defer, reactor
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mailgw.config import Config, load_config
+from mailgw.service import GatewayService, build
+from tests.servers.base import free_ports
+from tests.servers.pki import TestPKI
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A TOML document for the configuration shapes the tests use (tables of scalars
+    and inline values, arrays of tables, one level of sub-tables)."""
+    out: list[str] = []
+
+    def table(name: str, body: dict[str, Any], header: str) -> None:
+        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        out.append(header)
+        out.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
+        out.append("")
+        for key, sub in body.items():
+            if isinstance(sub, dict):
+                table(f"{name}.{key}", sub, f"[{name}.{key}]")
+
+    for name, body in data.items():
+        if isinstance(body, list):
+            for item in body:
+                table(name, item, f"[[{name}]]")
+        else:
+            table(name, body, f"[{name}]")
+    return "\n".join(out) + "\n"
+
+
+def fast_hash(password: str) -> str:
+    """A bcrypt hash at the lowest cost (tests only)."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+
+
+class Gateway:
+    """A configured, running gateway in the test's reactor."""
+
+    def __init__(self, directory: Path, pki: TestPKI, users: dict[str, tuple[str, str | None]]) -> None:
+        self.directory = directory
+        self.pki = pki
+        self.users = users
+        self.cert_path, self.key_path = pki.server_cert(["localhost", "127.0.0.1"], file_name="gateway")
+        self.ca_path = pki.ca_path
+        self.service: GatewayService | None = None
+        self.events: list[LogEvent] = []
+
+    def write_users(self) -> Path:
+        path = self.directory / "users.toml"
+        lines = []
+        for name, (password, policy) in self.users.items():
+            lines.append(f"[users.{json.dumps(name)}]")
+            lines.append(f"password_hash = {json.dumps(fast_hash(password))}")
+            if policy:
+                lines.append(f"group_policy = {json.dumps(policy)}")
+            lines.append("")
+        path.write_text("\n".join(lines))
+        return path
+
+    def config_data(self, pop3s: dict[str, Any], **sections: Any) -> dict[str, Any]:
+        ports = free_ports(2)
+        data: dict[str, Any] = {
+            "gateway": {"state_dir": "state", "node_name": "mailgw-test"},
+            "tls": {"certificate": str(self.cert_path), "private_key": str(self.key_path)},
+            "interface": [{"name": "loopback", "address": "127.0.0.1"}],
+            "pop3s": {"port": ports[0], "starttls_port": ports[1], **pop3s},
+            "imap4s": {"enabled": False},
+            "smtps": {"enabled": False},
+            "aaa_server_group": [{"name": "LOCAL", "protocol": "local", "users_file": "users.toml"}],
+            "poller": {"enabled": False},
+            "admin": {"socket": "admin.sock"},
+        }
+        data.update(sections)
+        return data
+
+    def write_config(self, data: dict[str, Any]) -> Path:
+        self.write_users()
+        path = self.directory / "mailgw.toml"
+        path.write_text(to_toml(data))
+        return path
+
+    def start(self, data: dict[str, Any], *, failure_delay: float = 0.05) -> GatewayService:
+        config: Config = load_config(self.write_config(data))
+        self.config = config
+        self.service = build(config, reactor, failure_delay=failure_delay)
+        globalLogPublisher.addObserver(self.events.append)
+        self.service.startService()
+        return self.service
+
+    async def stop(self) -> None:
+        globalLogPublisher.removeObserver(self.events.append)
+        if self.service is not None and self.service.running:
+            for session in list(self.service.registry):
+                session.owner.terminate("test over")
+            await defer.maybeDeferred(self.service.stopService)
+            # Let the closing connections finish, so trial finds a clean reactor.
+            for _ in range(50):
+                if not len(self.service.registry):
+                    break
+                await deferLater(0.02)
+
+    def port(self, protocol: str = "pop3s", implicit: bool = True) -> int:
+        assert self.service is not None
+        proxy = getattr(self.service.config, protocol)
+        return int(proxy.port if implicit else proxy.starttls_port)
+
+    def reasons(self) -> list[str]:
+        return [str(e["reason"]) for e in self.events if "reason" in e]
+
+    def log_text(self) -> str:
+        return repr(self.events)
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
+
+
+def start_gateway(
+    testcase: TestCase,
+    pki: TestPKI,
+    users: dict[str, tuple[str, str | None]],
+    pop3s: dict[str, Any],
+    **sections: Any,
+) -> Gateway:
+    directory = Path(testcase.mktemp()).absolute()
+    directory.mkdir(parents=True)
+    gateway = Gateway(directory, pki, users)
+    gateway.start(gateway.config_data(pop3s, **sections))
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(gateway.stop()))
+    return gateway
