@@ -352,3 +352,69 @@ class SessionRulesTests(POP3IntegrationBase):
         first.close()
         await deferLater(0.05)
         self.assertEqual(reactor.running, True)
+
+
+def buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds for writing (test introspection)."""
+    tcp = getattr(transport, "transport", None) or transport
+    offset = getattr(tcp, "offset", 0)
+    return len(tcp.dataBuffer) - offset + tcp._tempDataLen
+
+
+class FlowControlTests(POP3IntegrationBase):
+    async def test_slowClientPausesUpstream(self) -> None:
+        """A client that stops reading a 10 MB RETR makes the gateway stop reading
+        from the mail server instead of buffering the message; when the client reads
+        again, the message arrives complete and byte-identical."""
+        big_index = max(range(len(self.messages)), key=lambda i: len(self.messages[i]))
+        expected = self.messages[big_index]
+        context = self.client_context()
+        port = self.gateway.port()
+        tls = await in_thread(
+            lambda: context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname="localhost"
+            )
+        )
+        self.addCleanup(tls.close)
+        reader = tls.makefile("rb")
+
+        def login_and_request() -> None:
+            reader.readline()
+            tls.sendall(b"USER alice\r\nPASS alice-mail\r\n")
+            reader.readline()
+            reader.readline()
+            tls.sendall(b"RETR %d\r\n" % (big_index + 1))
+
+        await in_thread(login_and_request)
+        sessions = self.gateway.service.registry.sessions("pop3")  # type: ignore[union-attr]
+        relay = sessions[0].owner.relay  # type: ignore[attr-defined]
+        upstream_tcp = relay._server
+        client_transport = relay._client
+        paused = False
+        most = 0
+        for _ in range(500):
+            await deferLater(0.01)
+            most = max(most, buffered(client_transport))
+            if upstream_tcp not in reactor.getReaders():  # type: ignore[attr-defined]
+                paused = True
+                break
+        self.assertTrue(paused, "the gateway kept reading from the mail server")
+        for _ in range(20):
+            await deferLater(0.01)
+            most = max(most, buffered(client_transport))
+        self.assertLess(most, 2 * 1024 * 1024)
+        self.assertLess(sessions[0].bytes_to_client, len(expected))
+
+        def read_all() -> bytes:
+            status = reader.readline()
+            assert status.startswith(b"+OK"), status
+            lines = []
+            while True:
+                line = reader.readline()
+                if line == b".\r\n":
+                    break
+                lines.append(line[1:] if line.startswith(b"..") else line)
+            tls.sendall(b"QUIT\r\n")
+            return b"".join(lines)
+
+        self.assertEqual(await in_thread(read_all), expected)

@@ -229,6 +229,7 @@ class Connector:
             assert tls is not None
             endpoint = wrapClientTLS(tls, endpoint)  # type: ignore[assignment]
         factory = Factory.forProtocol(lambda: make_protocol(target, tls))  # type: ignore[arg-type]
+        factory.noisy = False
         try:
             connecting = endpoint.connect(factory)
             connecting.addTimeout(self.connect_timeout + 1, self._clock)

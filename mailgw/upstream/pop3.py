@@ -10,6 +10,7 @@ import enum
 
 from mailgw.upstream import UpstreamLoginRejected, UpstreamProtocol, UpstreamUnavailable
 from mailgw.wire import pop3
+from mailgw.wire.errors import ProtocolError
 
 
 class _State(enum.Enum):
@@ -46,7 +47,7 @@ class POP3UpstreamLogin(UpstreamProtocol):
                 self._rejected_or_unavailable(status, "USER")
                 return
             self._state = _State.PASS
-            self.send(b"PASS " + self.password.encode("utf-8"))
+            self._send_credential("PASS", self.password)
         elif self._state is _State.PASS:
             if not status.ok:
                 self._rejected_or_unavailable(status, "PASS")
@@ -55,7 +56,18 @@ class POP3UpstreamLogin(UpstreamProtocol):
 
     def _send_user(self) -> None:
         self._state = _State.USER
-        self.send(b"USER " + self.user.encode("utf-8"))
+        self._send_credential("USER", self.user)
+
+    def _send_credential(self, command: str, value: str) -> None:
+        try:
+            line = pop3.format_command(command, value)
+        except ProtocolError:
+            # CR/LF/NUL, a space in USER, or over the line limit: no server would
+            # accept it, and it must never reach the wire.
+            self.fail(UpstreamLoginRejected(f"{command} argument cannot be sent to a POP3 server"))
+            return
+        assert self.transport is not None
+        self.transport.write(line)
 
     def _rejected_or_unavailable(self, status: pop3.Status, command: str) -> None:
         code = pop3.response_code(status.text)
