@@ -104,7 +104,13 @@ class GatewayService(MultiService):
         self.environments: dict[str, ProxyEnvironment] = {}
         for proxy in config.proxies():
             session_class = SESSION_CLASSES.get(proxy.protocol)
-            if not proxy.enabled or session_class is None:
+            if not proxy.enabled:
+                continue
+            if session_class is None:
+                self.log.warn(
+                    "[{protocol}] is enabled but this version has no {protocol} proxy yet: not listening",
+                    protocol=proxy.protocol,
+                )
                 continue
             env = ProxyEnvironment(
                 proxy=proxy,

@@ -17,44 +17,8 @@ from twisted.trial.unittest import TestCase
 from mailgw.config import Config, load_config
 from mailgw.service import GatewayService, build
 from tests.servers.base import free_ports
+from tests.servers import tomlwriter
 from tests.servers.pki import TestPKI
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A TOML document for the configuration shapes the tests use (tables of scalars
-    and inline values, arrays of tables, one level of sub-tables)."""
-    out: list[str] = []
-
-    def table(name: str, body: dict[str, Any], header: str) -> None:
-        scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}
-        out.append(header)
-        out.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
-        out.append("")
-        for key, sub in body.items():
-            if isinstance(sub, dict):
-                table(f"{name}.{key}", sub, f"[{name}.{key}]")
-
-    for name, body in data.items():
-        if isinstance(body, list):
-            for item in body:
-                table(name, item, f"[[{name}]]")
-        else:
-            table(name, body, f"[{name}]")
-    return "\n".join(out) + "\n"
 
 
 def fast_hash(password: str) -> str:
@@ -105,7 +69,7 @@ class Gateway:
     def write_config(self, data: dict[str, Any]) -> Path:
         self.write_users()
         path = self.directory / "mailgw.toml"
-        path.write_text(to_toml(data))
+        path.write_text(tomlwriter.dumps(data))
         return path
 
     def start(self, data: dict[str, Any], *, failure_delay: float = 0.05) -> GatewayService:

@@ -50,6 +50,8 @@ class ProxyEnvironment:
 class ProxyFactory(Factory):
     """Builds the sessions of one proxy on one listening port."""
 
+    noisy = False
+
     def __init__(
         self,
         environment: ProxyEnvironment,
