@@ -8,7 +8,7 @@ fields of an event, never objects (which could serialize a secret).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
@@ -29,7 +29,7 @@ def event_as_json(event: LogEvent) -> str:
     """One JSON line for an event: time, level, namespace, message and its fields."""
     level = event.get("log_level")
     record: dict[str, Any] = {
-        "time": datetime.fromtimestamp(event.get("log_time", 0.0), timezone.utc).isoformat(),
+        "time": datetime.fromtimestamp(event.get("log_time", 0.0), UTC).isoformat(),
         "level": getattr(level, "name", "info"),
         "namespace": event.get("log_namespace", ""),
         "message": formatEvent(event),

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -87,8 +88,8 @@ class GatewayService(MultiService):
         self.server_tls = ServerTLS(
             tls.certificate,
             tls.private_key,
-            minimum_version=tls.minimum_version,
-            client_certificate=tls.client_certificate,
+            minimum_version=tls.minimum_version,  # type: ignore[arg-type]  # validated by config
+            client_certificate=tls.client_certificate,  # type: ignore[arg-type]
             client_ca=tls.client_ca,
         )
         self.connector = Connector(reactor)
@@ -166,7 +167,7 @@ def _listeners(
             endpoint = proxyEndpoint(endpoint)
         factory: Factory = ProxyFactory(env, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
-            factory = TLSMemoryBIOFactory(env.server_tls, False, factory)
+            factory = TLSMemoryBIOFactory(env.server_tls, False, factory)  # type: ignore[assignment]
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
         name = f"{proxy.protocol}/{interface.name}/{port}"
         result.append(Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})"))

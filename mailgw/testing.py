@@ -8,7 +8,8 @@ the upstream login client on a C{StringTransport} the test feeds by hand.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -32,7 +33,7 @@ class StaticChecker:
         self.users = users
         self.group_name = group_name
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:  # type: ignore[override]
         name = credentials.username.decode("utf-8")
         entry = self.users.get(name)
         if entry is None or entry[0] != credentials.password.decode("utf-8"):

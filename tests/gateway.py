@@ -11,13 +11,14 @@ from typing import Any
 
 import bcrypt
 from twisted.internet import defer, reactor
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailgw.config import Config, load_config
 from mailgw.service import GatewayService, build
-from tests.servers.base import free_ports
 from tests.servers import tomlwriter
+from tests.servers.base import free_ports
 from tests.servers.pki import TestPKI
 
 
@@ -36,7 +37,7 @@ class Gateway:
         self.cert_path, self.key_path = pki.server_cert(["localhost", "127.0.0.1"], file_name="gateway")
         self.ca_path = pki.ca_path
         self.service: GatewayService | None = None
-        self.events: list[LogEvent] = []
+        self.events = EventLoggingObserver()
 
     def write_users(self) -> Path:
         path = self.directory / "users.toml"
@@ -76,12 +77,12 @@ class Gateway:
         config: Config = load_config(self.write_config(data))
         self.config = config
         self.service = build(config, reactor, failure_delay=failure_delay)
-        globalLogPublisher.addObserver(self.events.append)
+        globalLogPublisher.addObserver(self.events)
         self.service.startService()
         return self.service
 
     async def stop(self) -> None:
-        globalLogPublisher.removeObserver(self.events.append)
+        globalLogPublisher.removeObserver(self.events)
         if self.service is not None and self.service.running:
             for session in list(self.service.registry):
                 session.owner.terminate("test over")
@@ -101,7 +102,7 @@ class Gateway:
         return [str(e["reason"]) for e in self.events if "reason" in e]
 
     def log_text(self) -> str:
-        return repr(self.events)
+        return repr(list(self.events))
 
 
 def deferLater(seconds: float) -> defer.Deferred[None]:

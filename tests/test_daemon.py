@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import IServiceMaker
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
-from twisted.application.service import IServiceMaker
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.gateway import Gateway, deferLater
@@ -146,7 +146,7 @@ class TwistdTests(TestCase):
     async def test_busyPortRefused(self) -> None:
         """A listening port already in use stops the daemon with an error."""
         data = self.config()
-        blocker = reactor.listenTCP(data["pop3s"]["port"], protocol.Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        blocker = reactor.listenTCP(data["pop3s"]["port"], protocol.ServerFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(blocker.stopListening)
         collector, _ = await self.run_twistd(data)
         code = await collector.ended

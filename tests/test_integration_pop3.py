@@ -7,8 +7,9 @@ from __future__ import annotations
 import poplib
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
@@ -51,7 +52,12 @@ class POP3IntegrationBase(TestCase):
     def start(self, options: dict[str, Any], upstream: dict[str, Any] | None = None) -> Gateway:
         pop3s = {
             "default_server": upstream
-            or {"host": "127.0.0.1", "port": self.dovecot.pop3_port, "tls": "starttls", "ca": str(self.dovecot.ca_path)},
+            or {
+                "host": "127.0.0.1",
+                "port": self.dovecot.pop3_port,
+                "tls": "starttls",
+                "ca": str(self.dovecot.ca_path),
+            },
             "allowed_servers": ["localhost"],
             **options,
         }
@@ -259,7 +265,12 @@ class UpstreamFailureTests(POP3IntegrationBase):
         other = TestPKI(Path(self.mktemp()).absolute())
         gateway = self.start(
             {},
-            upstream={"host": "127.0.0.1", "port": self.dovecot.pop3s_port, "tls": "implicit", "ca": str(other.ca_path)},
+            upstream={
+                "host": "127.0.0.1",
+                "port": self.dovecot.pop3s_port,
+                "tls": "implicit",
+                "ca": str(other.ca_path),
+            },
         )
         answer = await self.failing_login_at(gateway, "alice", "alice-mail")
         self.assertIn("-ERR [SYS/TEMP]", answer)
@@ -358,7 +369,7 @@ def buffered(transport: Any) -> int:
     """Bytes a Twisted TCP transport holds for writing (test introspection)."""
     tcp = getattr(transport, "transport", None) or transport
     offset = getattr(tcp, "offset", 0)
-    return len(tcp.dataBuffer) - offset + tcp._tempDataLen
+    return int(len(tcp.dataBuffer) - offset + tcp._tempDataLen)
 
 
 class FlowControlTests(POP3IntegrationBase):
@@ -387,7 +398,7 @@ class FlowControlTests(POP3IntegrationBase):
 
         await in_thread(login_and_request)
         sessions = self.gateway.service.registry.sessions("pop3")  # type: ignore[union-attr]
-        relay = sessions[0].owner.relay  # type: ignore[attr-defined]
+        relay = sessions[0].owner.relay  # type: ignore[attr-defined,union-attr]
         upstream_tcp = relay._server
         client_transport = relay._client
         paused = False

@@ -19,10 +19,12 @@ class InstallTests(TestCase):
     timeout = 600
 
     async def sh(self, executable: str, *args: str, cwd: Path | None = None) -> str:
-        out, err, code = await getProcessOutputAndValue(
-            executable, list(args), env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"), path=str(cwd or ROOT)
-        )
-        text = (out + err).decode(errors="replace")
+        # trial -j passes its sys.path to its workers in PYTHONPATH: the fresh venv
+        # must not see this checkout's packages through it.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+        out, err, code = await getProcessOutputAndValue(executable, list(args), env=env, path=str(cwd or ROOT))
+        text: str = (out + err).decode(errors="replace")
         self.assertEqual(code, 0, f"{executable} {' '.join(args)}:\n{text[-3000:]}")
         return text
 

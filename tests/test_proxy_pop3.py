@@ -11,6 +11,7 @@ from typing import Any
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -74,7 +75,7 @@ class POP3Harness:
 
 
 def answers(transport: TLSStringTransport) -> list[bytes]:
-    value = transport.value()
+    value: bytes = transport.value()
     transport.clear()
     return value.split(b"\r\n")[:-1]
 
@@ -221,7 +222,7 @@ class PreLoginTests(SynchronousTestCase):
 
     def test_loginTimeout(self) -> None:
         """login_timeout closes a session that does not log in."""
-        session, transport = self.harness.connect()
+        _session, transport = self.harness.connect()
         answers(transport)
         self.harness.clock.advance(self.harness.config.pop3s.login_timeout - 1)
         self.assertFalse(transport.disconnecting)
@@ -241,9 +242,7 @@ class PreLoginTests(SynchronousTestCase):
 class LoginTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.harness = POP3Harness(make_config())
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
 
     def test_userPassRelays(self) -> None:
         """USER/PASS: the gateway logs in upstream with the same credentials, passes
@@ -361,14 +360,14 @@ class LoginTests(SynchronousTestCase):
 
     def test_passwordNeverLogged(self) -> None:
         """No log event of a full login (good and bad) carries a password."""
-        session, transport = self.harness.connect()
+        session, _transport = self.harness.connect()
         session.dataReceived(b"USER alice:alice\r\nPASS alice-pw:mailpw-secret\r\n")
         login_upstream(self.harness)
         other, _ = self.harness.connect()
         other.dataReceived(b"USER alice\r\nPASS wrong-secret\r\n")
         self.harness.clock.advance(2)
         session.connectionLost()
-        text = repr(self.events)
+        text = repr(list(self.events))
         for secret in ("alice-pw", "mailpw-secret", "wrong-secret"):
             self.assertNotIn(secret, text)
         self.assertTrue(self.events)
@@ -411,7 +410,7 @@ class LoginTests(SynchronousTestCase):
 
     def test_clientGoneDuringLogin(self) -> None:
         """A client that disconnects mid-login cancels the upstream login."""
-        session, transport = self.harness.connect()
+        session, _transport = self.harness.connect()
         session.dataReceived(b"USER alice\r\nPASS alice-pw\r\n")
         upstream = self.harness.connector.upstreams[-1]
         session.connectionLost()
@@ -469,7 +468,7 @@ class SessionLimitTests(SynchronousTestCase):
         authenticating, authenticating_transport = harness.connect()
         authenticating.dataReceived(b"USER bob\r\n")
         harness.clock.advance(1)
-        unauth, unauth_transport = harness.connect()
+        _unauth, unauth_transport = harness.connect()
         harness.clock.advance(1)
         newcomer, newcomer_transport = harness.connect()
         self.assertTrue(unauth_transport.disconnecting)
@@ -502,7 +501,7 @@ class RelayStageTests(SynchronousTestCase):
         original = session._start_relay
 
         def with_stage(*args: Any, **kwargs: Any) -> None:
-            original(*args, stage=Upper(), **kwargs)
+            original(*args, stage=Upper(), **kwargs)  # type: ignore[misc]
 
         session._start_relay = with_stage  # type: ignore[method-assign]
         upstream.dataReceived(b"+OK Logged in.\r\n")

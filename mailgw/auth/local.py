@@ -23,7 +23,6 @@ from mailgw.auth.passwords import verify_password
 from mailgw.auth.portal import AuthenticatedUser
 from mailgw.auth.users import LocalUser, load_users_file
 
-
 #: bcrypt (cost 12) of a random password nobody knows: unknown users are checked
 #: against it so that they take as long as known ones.
 _DECOY_HASH = "$2b$12$KHySddgOSZuPB50h8gNbZeRhF0J/izGWoK7Rl/ECj5uvMaaoGWQ/y"
@@ -52,7 +51,7 @@ class LocalUsersChecker:
     def from_file(cls, group_name: str, path: Path, reactor: Any, threadpool: ThreadPool) -> LocalUsersChecker:
         return cls(group_name, load_users_file(path), reactor, threadpool)
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:  # type: ignore[override]
         return defer.Deferred.fromCoroutine(self._check(credentials))
 
     async def _check(self, credentials: Any) -> AuthenticatedUser:

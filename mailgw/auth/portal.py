@@ -10,8 +10,9 @@ resolved L{GroupPolicy} [5.2], using the L{LoginContext} passed as the cred "min
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin

@@ -28,5 +28,7 @@ class UnsupportedGroupChecker:
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         return defer.fail(
-            AAAUnavailable(f"server group {self.group_name!r}: protocol {self.protocol!r} is not supported by this version")
+            AAAUnavailable(
+                f"server group {self.group_name!r}: protocol {self.protocol!r} is not supported by this version"
+            )
         )

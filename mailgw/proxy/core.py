@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -143,7 +142,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             else:
                 self.line_received(line)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         for timer in (self._login_timer, self._idle_timer, self._session_timer, self._failure_timer):
             if timer is not None and timer.active():

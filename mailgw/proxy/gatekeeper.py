@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin

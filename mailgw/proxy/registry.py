@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 

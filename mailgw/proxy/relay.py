@@ -11,7 +11,7 @@ gets a stage between the two sides; the others keep the direct path.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime, ITransport
 from zope.interface import Attribute, Interface, implementer

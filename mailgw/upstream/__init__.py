@@ -14,15 +14,16 @@ C{verify_certificate} off for a server: Twisted's mail clients verify nothing by
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -112,7 +113,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         closes."""
         self._sink = sink
         self._lost = lost
-        self.dataReceived = sink  # type: ignore[method-assign]
+        self.dataReceived = sink  # type: ignore[method-assign,assignment]
         return self._lines.take_rest()
 
     # -- Protocol ------------------------------------------------------------------
@@ -125,7 +126,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         if self.user:
             self._process()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._done:
             self.fail(UpstreamUnavailable(f"connection closed during login: {_describe(reason)}"))
         elif self._lost is not None:
@@ -233,7 +234,7 @@ class Connector:
         try:
             connecting = endpoint.connect(factory)
             connecting.addTimeout(self.connect_timeout + 1, self._clock)
-            protocol: P = await connecting
+            protocol: P = await connecting  # type: ignore[assignment]
         except (ConnectError, DNSLookupError, defer.TimeoutError, OSError) as e:
             raise UpstreamUnavailable(f"cannot connect to {target.describe()}: {_describe(Failure(e))}") from None
         answer = protocol.begin_login(user, password)

@@ -17,11 +17,11 @@ class ProtocolError(Exception):
     """Input that does not follow the protocol."""
 
 
-class LineTooLong(ProtocolError):  # noqa: N818 - the name the proxies use
+class LineTooLong(ProtocolError):
     """A line, or a command built for the wire, exceeds the protocol's length limit."""
 
 
-class BadBase64(ProtocolError):  # noqa: N818 - the name the proxies use
+class BadBase64(ProtocolError):
     """A SASL item is not strict base64 (RFC 4648 alphabet, correct padding)."""
 
 
