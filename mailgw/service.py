@@ -81,6 +81,11 @@ class GatewayService(MultiService):
         self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="mailgw-aaa")
         ThreadPoolService(self.threadpool).setServiceParent(self)
 
+        if config.gateway.workers > 1:
+            self.log.warn(
+                "gateway.workers = {workers}: this version runs one process; the extra workers are not started",
+                workers=config.gateway.workers,
+            )
         _ensure_private_folder(config.gateway.state_dir)
         tls = config.tls
         if tls.generate_self_signed:
