@@ -20,7 +20,6 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -32,6 +31,7 @@ from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Gatekeeper
 from mailgw.proxy.pop3 import POP3Session
+from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry
 from mailgw.tls import ServerTLS, ensure_self_signed
 from mailgw.upstream import Connector
@@ -168,11 +168,11 @@ def _listeners(
             endpoint = TCP6ServerEndpoint(reactor, port, interface=interface.address)
         else:
             endpoint = TCP4ServerEndpoint(reactor, port, interface=interface.address)
-        if interface.proxy_protocol:
-            endpoint = proxyEndpoint(endpoint)
         factory: Factory = ProxyFactory(env, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
             factory = TLSMemoryBIOFactory(env.server_tls, False, factory)  # type: ignore[assignment]
+        if interface.proxy_protocol:
+            factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
         name = f"{proxy.protocol}/{interface.name}/{port}"
         result.append(Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})"))

@@ -78,6 +78,23 @@ class POP3IntegrationBase(TestCase):
         return out, err, code
 
 
+    async def failing_login(self, user: str, password: str, gateway: Gateway | None = None) -> str:
+        """A USER/PASS login in a thread; the -ERR text, or "accepted"."""
+
+        def attempt() -> str:
+            client = self.pop3s(gateway)
+            try:
+                client.user(user)
+                client.pass_(password)
+            except poplib.error_proto as e:
+                return str(e)
+            finally:
+                client.quit()
+            return "accepted"
+
+        return str(await in_thread(attempt))
+
+
 class CurlAndPoplibTests(POP3IntegrationBase):
     async def test_curlListsAndRetrieves(self) -> None:
         """curl pop3s:// through the gateway lists the mailbox and retrieves a message
@@ -171,20 +188,6 @@ class CurlAndPoplibTests(POP3IntegrationBase):
         self.assertTrue(logins)
         self.assertEqual(logins[0]["upstream"], f"localhost:{self.dovecot.pop3_port}")
 
-    async def failing_login(self, user: str, password: str) -> str:
-        def attempt() -> str:
-            client = self.pop3s()
-            try:
-                client.user(user)
-                client.pass_(password)
-            except poplib.error_proto as e:
-                return str(e)
-            finally:
-                client.quit()
-            return "accepted"
-
-        return str(await in_thread(attempt))
-
     async def test_serverNotAllowed(self) -> None:
         """A server not in allowed_servers is refused without connecting to it."""
         answer = await self.failing_login("alice@mail.example.net", "alice-mail")
@@ -256,7 +259,7 @@ class UpstreamFailureTests(POP3IntegrationBase):
     async def test_upstreamDown(self) -> None:
         """An unreachable mail server gives -ERR [SYS/TEMP] at once."""
         gateway = self.start({}, upstream={"host": "127.0.0.1", "port": free_port(), "tls": "none"})
-        answer = await self.failing_login_at(gateway, "alice", "alice-mail")
+        answer = await self.failing_login("alice", "alice-mail", gateway)
         self.assertIn("-ERR [SYS/TEMP]", answer)
         self.assertTrue(any("cannot connect" in r for r in gateway.reasons()))
 
@@ -272,7 +275,7 @@ class UpstreamFailureTests(POP3IntegrationBase):
                 "ca": str(other.ca_path),
             },
         )
-        answer = await self.failing_login_at(gateway, "alice", "alice-mail")
+        answer = await self.failing_login("alice", "alice-mail", gateway)
         self.assertIn("-ERR [SYS/TEMP]", answer)
 
     async def test_upstreamImplicitTLS(self) -> None:
@@ -297,21 +300,6 @@ class UpstreamFailureTests(POP3IntegrationBase):
                 client.quit()
 
         self.assertEqual((await in_thread(stat))[0], len(self.messages))
-
-    async def failing_login_at(self, gateway: Gateway, user: str, password: str) -> str:
-        def attempt() -> str:
-            client = self.pop3s(gateway)
-            try:
-                client.user(user)
-                client.pass_(password)
-            except poplib.error_proto as e:
-                return str(e)
-            finally:
-                client.quit()
-            return "accepted"
-
-        return str(await in_thread(attempt))
-
 
 class SessionRulesTests(POP3IntegrationBase):
     pop3s_options = {"unauthenticated_session_limit": 2}
@@ -429,3 +417,56 @@ class FlowControlTests(POP3IntegrationBase):
             return b"".join(lines)
 
         self.assertEqual(await in_thread(read_all), expected)
+
+
+class ProxyProtocolTests(TestCase):
+    """PROXY protocol headers are accepted only on interfaces configured for them [4.8]."""
+
+    timeout = 60
+
+    async def session_after_header(self, proxy_protocol: bool) -> tuple[bytes, str]:
+        pki = TestPKI(Path(self.mktemp()).absolute())
+        gateway = start_gateway(
+            self,
+            pki,
+            VPN_USERS,
+            {
+                "allow_plaintext_auth": True,
+                "default_server": {"host": "127.0.0.1", "port": free_port(), "tls": "none"},
+            },
+            interface=[{"name": "lb", "address": "127.0.0.1", "proxy_protocol": proxy_protocol}],
+            group_policy=POLICIES,
+        )
+        port = gateway.port(implicit=False)
+
+        def talk() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40001 110\r\n")
+                reader = raw.makefile("rb")
+                first = reader.readline()
+                raw.sendall(b"QUIT\r\n")
+                return first + reader.readline()
+
+        clients: list[str] = []
+
+        def record() -> None:
+            clients.extend(s.client for s in gateway.service.registry)  # type: ignore[union-attr]
+
+        answer = await in_thread(talk)
+        record()
+        return answer, " ".join(clients) or " ".join(
+            str(e.get("client")) for e in gateway.events if e.get("client")
+        )
+
+    async def test_configuredInterfaceTakesClientAddress(self) -> None:
+        """On a proxy_protocol interface the session's client is the one the header
+        names, and the header is not seen as a command."""
+        answer, clients = await self.session_after_header(True)
+        self.assertTrue(answer.startswith(b"+OK POP3 gateway ready."), answer)
+        self.assertIn("203.0.113.9:40001", clients)
+
+    async def test_otherInterfaceTreatsHeaderAsCommand(self) -> None:
+        """Elsewhere a PROXY line is just an unknown command from the real peer."""
+        answer, clients = await self.session_after_header(False)
+        self.assertEqual(answer, b"+OK POP3 gateway ready.\r\n-ERR Invalid command.\r\n")
+        self.assertNotIn("203.0.113.9", clients)
