@@ -6,6 +6,7 @@ pure parser from L{mailgw.wire}) and answers.
 
 from __future__ import annotations
 
+import typing
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,6 +29,18 @@ from mailgw.wire.login import LoginRequest, parse_login
 
 #: protocol errors before the connection is closed [4.5]
 MAX_ERRORS = 10
+
+
+class InputBuffer(typing.Protocol):
+    """What the core needs of a protocol's pre-login input buffer."""
+
+    def append(self, data: bytes) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def pending(self) -> bytes: ...
+
+    def take_rest(self) -> bytes: ...
 
 
 @dataclass
@@ -87,7 +100,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.proxy = environment.proxy
         self.implicit_tls = implicit_tls
         self.tls_active = implicit_tls
-        self.lines = LineBuffer(self.max_line)
+        self.input = self.make_input()
         self.errors = 0
         self.info: SessionInfo | None = None
         self.client_ip = ""
@@ -127,20 +140,32 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.greet()
 
     def dataReceived(self, data: bytes) -> None:
-        self.lines.append(data)
-        self.process_lines()
+        self.input.append(data)
+        self.process_input()
 
-    def process_lines(self) -> None:
-        """Handle complete command lines until the buffer is empty or a login is
-        under way (the rest waits, to be handled after it or relayed)."""
+    def process_input(self) -> None:
+        """Handle complete commands until the buffer is empty or a login is under
+        way (the rest waits, to be handled after it or relayed)."""
         while not self._busy and not self._closing and self.relay is None:
-            line = self.lines.next_line()
-            if line is None:
+            if not self.handle_next_input():
                 return
-            if isinstance(line, TooLong):
-                self.protocol_error(self.answer_line_too_long())
-            else:
-                self.line_received(line)
+
+    def make_input(self) -> InputBuffer:
+        """The pre-login input buffer (command lines, by default)."""
+        return LineBuffer(self.max_line)
+
+    def handle_next_input(self) -> bool:
+        """Take one command off the input and handle it; False when none is
+        complete yet.  Line-based protocols keep this; IMAP reads literals too."""
+        assert isinstance(self.input, LineBuffer)
+        line = self.input.next_line()
+        if line is None:
+            return False
+        if isinstance(line, TooLong):
+            self.protocol_error(self.answer_line_too_long())
+        else:
+            self.line_received(line)
+        return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
@@ -200,9 +225,9 @@ class ProxySession(Protocol, metaclass=ABCMeta):
     def greet(self) -> None:
         """Send the greeting."""
 
-    @abstractmethod
     def line_received(self, line: bytes) -> None:
-        """One command line of the pre-login dialogue."""
+        """One command line of the pre-login dialogue (line-based protocols)."""
+        raise TypeError(f"{type(self).__name__} must handle its input")
 
     @abstractmethod
     def answer_line_too_long(self) -> bytes:
@@ -264,8 +289,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         Whatever the client pipelined after the STARTTLS command is discarded (the
         CVE-2011-0411 class of command injection)."""
         assert self.transport is not None
-        discarded = self.lines.pending()
-        self.lines.clear()
+        discarded = self.input.pending()
+        self.input.clear()
         if discarded:
             assert self.info is not None
             self.log.warn(
@@ -369,7 +394,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.protocol_error(answer)
         if not self._closing:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-            self.process_lines()
+            self.process_input()
 
     def _unexpected(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
@@ -396,7 +421,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.write(self.answer_login_ok(answer))
         if early:
             relay.from_server(early)
-        pending = self.lines.take_rest()
+        pending = self.input.take_rest()
         self.dataReceived = relay.from_client  # type: ignore[method-assign]
         relay.start()
         if pending:
