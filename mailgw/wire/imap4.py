@@ -37,7 +37,8 @@ next command starts.  Client errors are events, never exceptions:
   belonged to is abandoned and the reader resumes after the line's LF.
 
 Refused *synchronizing* literals are simple: the client gets no ``+``, sends no data, and
-the next line is a new command.  A refused **non-synchronizing** literal is sent anyway.
+the next line is a new command.  A refused **non-synchronizing** literal is sent anyway,
+and so is one that ends a line holding a syntax error (:class:`BadCommand`).
 This reader's choice: when the announced size is a valid number it *skips* exactly that
 many octets, counting them down without storing them, then discards the rest of the
 command (further ``{n+}`` literals in it are skipped the same way) and resumes; the
@@ -354,10 +355,11 @@ def _interpret_id(tag: str, args: tuple[Arg, ...]) -> Arg:
         raise _SyntaxError(tag, "invalid ID parameter list")
     result: list[str | None] = []
     for index, item in enumerate(params):
-        if isinstance(item, Atom) and item.upper() == "NIL" and index % 2:
+        nil = isinstance(item, Atom) and item.upper() == "NIL"
+        if nil and index % 2:
             result.append(None)
             continue
-        if not isinstance(item, str):
+        if nil or not isinstance(item, str):
             raise _SyntaxError(tag, "invalid ID parameter list")
         limit = _ID_MAX_VALUE if index % 2 else _ID_MAX_FIELD
         if len(item.encode("utf-8")) > limit:
@@ -405,7 +407,12 @@ class CommandReader:
     def __init__(self, max_line: int = 8192, max_literal: int = 64 * 1024, max_command: int = 64 * 1024) -> None:
         if max_literal < 0 or max_command < 1:
             raise ValueError("invalid limits")
+        # Received bytes go to self._raw; only the bytes up to the next LF are moved into
+        # the line framer, so that a literal's octets are taken from self._raw directly,
+        # without copying what follows them (linear work, however many literals a read holds).
         self._lines = LineBuffer(max_line)
+        self._raw = bytearray()
+        self._pos = 0
         self._max_literal = max_literal
         self._max_command = max_command
         self._state = _State.LINE
@@ -429,12 +436,16 @@ class CommandReader:
     @property
     def buffered(self) -> int:
         """Octets held: partial line, command being assembled and literal in progress."""
-        return len(self._lines.pending()) + len(self._literal) + self._fed
+        unread = len(self._raw) - self._pos
+        return len(self._lines.pending()) + unread + len(self._literal) + self._fed
 
     def append(self, data: bytes) -> None:
         """Add bytes received from the client; pull events with :meth:`next_event`."""
         if self._state is not _State.FAILED:
-            self._lines.append(data)
+            if self._pos:
+                del self._raw[: self._pos]
+                self._pos = 0
+            self._raw += data
 
     def next_event(self) -> Event | None:
         """Return the next event, or ``None`` when more input is needed."""
@@ -461,7 +472,7 @@ class CommandReader:
                     return None
                 self._state = _State.LINE
                 continue
-            line = self._lines.next_line()
+            line = self._next_line()
             if line is None:
                 return None
             if isinstance(line, TooLong):
@@ -478,7 +489,7 @@ class CommandReader:
         Only between commands (``ValueError`` otherwise).
         """
         self._check_boundary()
-        return self._lines.next_line()
+        return self._next_line()
 
     def take_rest(self) -> bytes:
         """Return the unparsed bytes after the last command and empty the reader.
@@ -487,16 +498,20 @@ class CommandReader:
         (``ValueError`` otherwise, which cannot happen right after a :class:`Command`).
         """
         self._check_boundary()
-        return self._lines.take_rest()
+        rest = self.pending()
+        self.clear()
+        return rest
 
     def pending(self) -> bytes:
         """The unparsed bytes after the last command (for logging what STARTTLS discards)."""
-        return self._lines.pending()
+        return self._lines.pending() + bytes(self._raw[self._pos :])
 
     def clear(self) -> None:
         """Drop everything buffered and start afresh (after STARTTLS: what was pipelined
         behind it in cleartext must not run inside TLS)."""
         self._lines.clear()
+        self._raw = bytearray()
+        self._pos = 0
         self._reset_command()
         self._state = _State.LINE
 
@@ -521,28 +536,50 @@ class CommandReader:
         self._fed = 0
         self._discarding = True
 
+    def _next_line(self) -> bytes | TooLong | None:
+        """Move received bytes into the line framer one line at a time and pull a line."""
+        raw = self._raw
+        while True:
+            start = self._pos
+            if start == len(raw):
+                self._release()
+                return self._lines.next_line()
+            lf = raw.find(b"\n", start)
+            end = len(raw) if lf < 0 else lf + 1
+            self._lines.append(bytes(raw[start:end]))
+            self._pos = end
+            line = self._lines.next_line()
+            if line is not None or lf < 0:
+                return line
+            # The LF ended an over-long line being discarded: go on with the next one.
+
+    def _take(self, count: int) -> memoryview:
+        """Take up to ``count`` received octets (the line framer is empty between lines)."""
+        start = self._pos
+        end = min(start + count, len(self._raw))
+        self._pos = end
+        return memoryview(self._raw)[start:end]
+
+    def _release(self) -> None:
+        if self._pos == len(self._raw):
+            self._raw = bytearray()
+            self._pos = 0
+
     def _fill_literal(self) -> bool:
-        need = self._want - len(self._literal)
-        if need:
-            rest = self._lines.take_rest()
-            self._literal += rest[:need]
-            if len(rest) > need:
-                self._lines.append(rest[need:])
+        with self._take(self._want - len(self._literal)) as chunk:
+            self._literal += chunk
+        self._release()
         return len(self._literal) == self._want
 
     def _skip(self) -> bool:
-        rest = self._lines.take_rest()
-        if len(rest) < self._want:
-            self._want -= len(rest)
-            return False
-        self._lines.append(rest[self._want :])
-        self._want = 0
-        return True
+        with self._take(self._want) as chunk:
+            self._want -= len(chunk)
+        self._release()
+        return self._want == 0
 
     def _fail(self, reason: str) -> TooBig:
         tag = self._tag
-        self._lines.clear()
-        self._reset_command()
+        self.clear()
         self._state = _State.FAILED
         return TooBig(tag, reason, fatal=True)
 
@@ -623,8 +660,9 @@ def tagged(tag: str, status: str, text: str, code: str | None = None) -> bytes:
     gives ``b"a1 NO [AUTHENTICATIONFAILED] Login failed\\r\\n"``.
 
     ``status`` is ``OK``, ``NO`` or ``BAD``; ``code`` a response code with optional
-    arguments (``"CAPABILITY IMAP4rev1 …"``); ``text`` must not be empty.  Anything else
-    is a programming error (``ValueError``).
+    arguments (``"CAPABILITY IMAP4rev1 …"``); ``text`` must not be empty, nor start with
+    ``[`` without a code (it would be read as one).  Anything else is a programming error
+    (``ValueError``).
     """
     if not _TAG_TEXT.fullmatch(tag):
         raise ValueError("invalid tag")
@@ -843,6 +881,8 @@ def _resp_text(text: str, code: str | None) -> bytes:
     if not text:
         raise ValueError("empty response text")
     head = b""
+    if code is None and text.startswith("["):
+        raise ValueError("a response text starting with '[' would be read as a response code")
     if code is not None:
         if not _RESP_CODE_TEXT.fullmatch(code):
             raise ValueError("invalid response code")

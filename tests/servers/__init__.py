@@ -7,4 +7,10 @@
   submission) and the standard seeded messages.
 - :mod:`tests.servers.smtpsink`: :class:`~tests.servers.smtpsink.SmtpSink`, a capturing
   SMTP server in a thread.
+- :mod:`tests.servers.slapd`: :class:`~tests.servers.slapd.Slapd`, OpenLDAP with LDAPS,
+  StartTLS, a service account and memberOf.
+- :mod:`tests.servers.freeradius`: :class:`~tests.servers.freeradius.FreeRadius` with
+  PAP users, Class replies and a detail accounting log; ``silent_udp_port`` for timeouts.
+- :mod:`tests.servers.demo`: ``make run``'s demo (Dovecot + the gateway on the sample).
+- :mod:`tests.servers.tomlwriter`: writes the TOML configurations the tests generate.
 """

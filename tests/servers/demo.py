@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             f"""
 mailgw demo: Dovecot (user {DEMO_USER!r}, password {DEMO_PASSWORD!r}, 3 messages) is on
 127.0.0.1:{dovecot.pop3_port}; the gateway listens for POP3S on 127.0.0.1:{pop3s_port}
-(STLS on {ports['pop3s_starttls']}) with the configuration {config_path}.
+(STLS on {ports["pop3s_starttls"]}) with the configuration {config_path}.
 
 List the mailbox and fetch message 1 through the gateway:
 
