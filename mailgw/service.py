@@ -30,14 +30,20 @@ from mailgw.config import Config, InterfaceConfig, LocalGroup, ProxyConfig
 from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Gatekeeper
+from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry
+from mailgw.proxy.smtp import SMTPSession
 from mailgw.tls import ServerTLS, ensure_self_signed
 from mailgw.upstream import Connector
 
-#: the session class of each proxy section; IMAP4S and SMTPS join with their issue
-SESSION_CLASSES: Mapping[str, type[ProxySession]] = {"pop3s": POP3Session}
+#: the session class of each proxy section
+SESSION_CLASSES: Mapping[str, type[ProxySession]] = {
+    "pop3s": POP3Session,
+    "imap4s": IMAP4Session,
+    "smtps": SMTPSession,
+}
 
 
 class ThreadPoolService(Service):
@@ -109,15 +115,9 @@ class GatewayService(MultiService):
 
         self.environments: dict[str, ProxyEnvironment] = {}
         for proxy in config.proxies():
-            session_class = SESSION_CLASSES.get(proxy.protocol)
             if not proxy.enabled:
                 continue
-            if session_class is None:
-                self.log.warn(
-                    "[{protocol}] is enabled but this version has no {protocol} proxy yet: not listening",
-                    protocol=proxy.protocol,
-                )
-                continue
+            session_class = SESSION_CLASSES[proxy.protocol]
             env = ProxyEnvironment(
                 proxy=proxy,
                 clock=reactor,

@@ -51,19 +51,22 @@ class Gateway:
         path.write_text("\n".join(lines))
         return path
 
-    def config_data(self, pop3s: dict[str, Any], **sections: Any) -> dict[str, Any]:
-        ports = free_ports(2)
+    def config_data(self, pop3s: dict[str, Any] | None, **sections: Any) -> dict[str, Any]:
+        ports = free_ports(6)
+        proxies = {"pop3s": pop3s, "imap4s": sections.pop("imap4s", None), "smtps": sections.pop("smtps", None)}
         data: dict[str, Any] = {
             "gateway": {"state_dir": "state", "node_name": "mailgw-test"},
             "tls": {"certificate": str(self.cert_path), "private_key": str(self.key_path)},
             "interface": [{"name": "loopback", "address": "127.0.0.1"}],
-            "pop3s": {"port": ports[0], "starttls_port": ports[1], **pop3s},
-            "imap4s": {"enabled": False},
-            "smtps": {"enabled": False},
             "aaa_server_group": [{"name": "LOCAL", "protocol": "local", "users_file": "users.toml"}],
             "poller": {"enabled": False},
             "admin": {"socket": "admin.sock"},
         }
+        for i, (name, options) in enumerate(proxies.items()):
+            if options is None:
+                data[name] = {"enabled": False}
+            else:
+                data[name] = {"port": ports[2 * i], "starttls_port": ports[2 * i + 1], **options}
         data.update(sections)
         return data
 
@@ -115,7 +118,7 @@ def start_gateway(
     testcase: TestCase,
     pki: TestPKI,
     users: dict[str, tuple[str, str | None]],
-    pop3s: dict[str, Any],
+    pop3s: dict[str, Any] | None,
     **sections: Any,
 ) -> Gateway:
     directory = Path(testcase.mktemp()).absolute()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -22,7 +22,7 @@ from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay
 from mailgw.tls import set_nodelay
-from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol
+from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
 from mailgw.wire.login import LoginRequest, parse_login
@@ -249,6 +249,10 @@ class ProxySession(Protocol, metaclass=ABCMeta):
     def answer_temporary_failure(self) -> bytes:
         """The temporary-failure answer (upstream or AAA servers unavailable)."""
 
+    def make_upstream(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> UpstreamProtocol:
+        """The login client for this session's upstream connection."""
+        return self.upstream_class(target, tls)
+
     def answer_login_ok(self, upstream_answer: bytes) -> bytes:
         """What the client gets when the relay starts (by default, the upstream
         server's own answer to the login)."""
@@ -341,12 +345,20 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             return
         try:
             upstream, answer = await self.env.connector.login(
-                target, self.upstream_class, request.mail_user, request.mail_password
+                target, self.make_upstream, request.mail_user, request.mail_password
             )
         except UpstreamError as e:
             self.env.registry.release_login(info)
             self._login_failed(LoginFailed(f"mailhost login: {e.reason}", temporary=e.temporary))
             return
+        if identity is None:
+            try:
+                identity = self.env.gatekeeper.mailhost_identity(info, request)
+            except LoginFailed as e:
+                if upstream.transport is not None:
+                    upstream.transport.loseConnection()
+                self._login_failed(e)
+                return
         self._pending = None
         if self._closing:
             if upstream.transport is not None:

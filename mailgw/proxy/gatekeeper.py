@@ -81,9 +81,14 @@ class Gatekeeper:
             ca=default.ca,
         )
 
-    async def authenticate(self, info: SessionInfo, request: LoginRequest, client_ip: str) -> VPNIdentity:
+    async def authenticate(self, info: SessionInfo, request: LoginRequest, client_ip: str) -> VPNIdentity | None:
         """Establish the VPN identity by the proxy's authentication methods [4.3],
-        then apply simultaneous logins [5.5].  Raises L{LoginFailed}."""
+        then apply simultaneous logins [5.5].  Raises L{LoginFailed}.
+
+        C{None} means the identity is left to the mailhost login (SMTPS with
+        C{mailhost} among its methods, when no other method established it): the
+        caller then calls L{mailhost_identity} once the mail server accepted the AUTH.
+        """
         reasons: list[str] = []
         temporary = False
         identity: VPNIdentity | None = None
@@ -104,7 +109,26 @@ class Gatekeeper:
             if identity is not None:
                 break
         if identity is None:
+            if "mailhost" in self.proxy.authentication:
+                if reasons:
+                    self.log.info(
+                        "Session {session_id}: {reason}; the mailhost login decides",
+                        session_id=info.session_id,
+                        reason="; ".join(reasons),
+                    )
+                return None
             raise LoginFailed("; ".join(reasons) or "no authentication method succeeded", temporary=temporary)
+        self._claim(info, identity)
+        return identity
+
+    def mailhost_identity(self, info: SessionInfo, request: LoginRequest) -> VPNIdentity:
+        """The identity of a login the mail server accepted (the C{mailhost}
+        method): the VPN user with the proxy's default group policy."""
+        name = self.proxy.default_group_policy
+        policy = self._lookup_policy(name) if name else None
+        if policy is None:
+            raise LoginFailed(f"mailhost login of {request.vpn_user!r}: no default group policy")
+        identity = VPNIdentity(request.vpn_user, policy, "mailhost")
         self._claim(info, identity)
         return identity
 

@@ -1,0 +1,193 @@
+"""The IMAP4S proxy [4.5]: CAPABILITY, STARTTLS, LOGIN (atoms, quoted strings,
+literals ``{n}`` and ``{n+}``), AUTHENTICATE PLAIN with and without SASL-IR, ID, NOOP,
+LOGOUT before login; after login the upstream's capabilities are passed on in the
+tagged OK and everything relays (IDLE, APPEND literals, COMPRESS: just bytes).
+"""
+
+from __future__ import annotations
+
+from mailgw.proxy.core import InputBuffer, ProxySession
+from mailgw.upstream.imap4 import IMAP4UpstreamLogin
+from mailgw.wire import imap4, sasl
+from mailgw.wire.errors import ProtocolError
+from mailgw.wire.lines import TooLong
+
+#: commands that exist only after login: answered with NO rather than BAD
+_AUTHENTICATED_COMMANDS = frozenset(
+    {
+        "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST", "LSUB",
+        "STATUS", "APPEND", "CHECK", "CLOSE", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+        "UID", "IDLE", "ENABLE", "NAMESPACE", "GETQUOTA", "GETQUOTAROOT", "UNSELECT", "COMPRESS",
+    }
+)
+
+
+class IMAP4Session(ProxySession):
+    """One IMAP client connection."""
+
+    protocol_name = "imap4"
+    upstream_class = IMAP4UpstreamLogin
+
+    #: tag of the command whose login is under way (for the tagged answers)
+    _login_tag = "*"
+    #: tag of an AUTHENTICATE waiting for the client's response line
+    _sasl_tag: str | None = None
+
+    def make_input(self) -> InputBuffer:
+        return imap4.CommandReader()
+
+    @property
+    def reader(self) -> imap4.CommandReader:
+        assert isinstance(self.input, imap4.CommandReader)
+        return self.input
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE"]
+        if self.starttls_available:
+            caps.append("STARTTLS")
+        if self.login_allowed:
+            caps.append("AUTH=PLAIN")
+        else:
+            caps.append("LOGINDISABLED")
+        return caps
+
+    def greet(self) -> None:
+        caps = " ".join(self.capabilities())
+        self.write(imap4.untagged(f"OK [CAPABILITY {caps}] IMAP gateway ready."))
+
+    # -- input ------------------------------------------------------------------------
+
+    def handle_next_input(self) -> bool:
+        if self._sasl_tag is not None:
+            raw = self.reader.next_raw_line()
+            if raw is None:
+                return False
+            tag, self._sasl_tag = self._sasl_tag, None
+            if isinstance(raw, TooLong):
+                self.protocol_error(imap4.tagged(tag, "BAD", "Line too long."))
+            else:
+                self._sasl_response(tag, raw)
+            return True
+        event = self.reader.next_event()
+        if event is None:
+            return False
+        if isinstance(event, imap4.NeedContinuation):
+            self.write(imap4.continuation("Ready for literal data"))
+        elif isinstance(event, imap4.BadCommand):
+            self.protocol_error(self._bad(event.tag, f"Invalid command: {event.reason}."))
+        elif isinstance(event, imap4.TooBig):
+            if event.fatal:
+                self.close_with(self._bad(event.tag, "Literal too big.") + imap4.untagged("BYE Invalid literal."))
+            else:
+                self.protocol_error(self._bad(event.tag, "Literal too big."))
+        elif isinstance(event, TooLong):
+            self.protocol_error(self.answer_line_too_long())
+        else:
+            self._command(event)
+        return True
+
+    @staticmethod
+    def _bad(tag: str | None, text: str) -> bytes:
+        return imap4.tagged(tag, "BAD", text) if tag else imap4.untagged("BAD " + text)
+
+    def _command(self, command: imap4.Command) -> None:
+        tag, name = command.tag, command.name
+        if name == "CAPABILITY":
+            self.write(imap4.capability_line(self.capabilities()) + imap4.tagged(tag, "OK", "CAPABILITY completed."))
+        elif name == "NOOP":
+            self.write(imap4.tagged(tag, "OK", "NOOP completed."))
+        elif name == "LOGOUT":
+            self.close_with(imap4.untagged("BYE Logging out.") + imap4.tagged(tag, "OK", "LOGOUT completed."))
+        elif name == "ID":
+            self.write(imap4.id_response({"name": "mailgw"}) + imap4.tagged(tag, "OK", "ID completed."))
+        elif name == "STARTTLS":
+            self._starttls(tag)
+        elif name == "LOGIN":
+            self._do_login(tag, command.args)
+        elif name == "AUTHENTICATE":
+            self._authenticate(tag, command.args)
+        elif name in _AUTHENTICATED_COMMANDS:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Not logged in."))
+        else:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Unknown command."))
+
+    def _starttls(self, tag: str) -> None:
+        if self.tls_active:
+            self.protocol_error(imap4.tagged(tag, "BAD", "TLS is already active."))
+        elif not self.starttls_available:
+            self.protocol_error(imap4.tagged(tag, "BAD", "STARTTLS is not available."))
+        else:
+            self.write(imap4.tagged(tag, "OK", "Begin TLS negotiation now."))
+            self.start_tls()
+
+    def _refuse_plaintext(self, tag: str) -> bool:
+        if self.login_allowed:
+            return False
+        self.protocol_error(
+            imap4.tagged(tag, "NO", "Plaintext authentication is disabled, use STARTTLS first.", code="PRIVACYREQUIRED")
+        )
+        return True
+
+    def _do_login(self, tag: str, args: tuple[imap4.Arg, ...]) -> None:
+        if self._refuse_plaintext(tag):
+            return
+        if len(args) != 2 or not all(isinstance(a, str) for a in args):
+            self.protocol_error(imap4.tagged(tag, "BAD", "LOGIN needs a user name and a password."))
+            return
+        user, password = args
+        assert isinstance(user, str) and isinstance(password, str)
+        self._login_tag = tag
+        self.attempt_login(user, password)
+
+    def _authenticate(self, tag: str, args: tuple[imap4.Arg, ...]) -> None:
+        if not args or not isinstance(args[0], str):
+            self.protocol_error(imap4.tagged(tag, "BAD", "AUTHENTICATE needs a mechanism."))
+            return
+        if self._refuse_plaintext(tag):
+            return
+        if args[0].upper() != "PLAIN":
+            self.protocol_error(imap4.tagged(tag, "NO", "Unsupported authentication mechanism."))
+            return
+        if len(args) == 2 and isinstance(args[1], str):
+            self._sasl_response(tag, args[1].encode("ascii", "replace"))
+        elif len(args) == 1:
+            self._sasl_tag = tag
+            self.username_presented()
+            self.write(imap4.continuation())
+        else:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Invalid AUTHENTICATE arguments."))
+
+    def _sasl_response(self, tag: str, data: bytes) -> None:
+        data = data.strip()
+        if data == sasl.CANCEL:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Authentication cancelled."))
+            return
+        try:
+            _authzid, authcid, password = sasl.decode_plain(data)
+        except ProtocolError:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Invalid SASL PLAIN response."))
+            return
+        self._login_tag = tag
+        self.attempt_login(authcid, password)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def answer_login_ok(self, upstream_answer: bytes) -> bytes:
+        return self._login_tag.encode("ascii") + b" " + upstream_answer
+
+    def answer_line_too_long(self) -> bytes:
+        return imap4.untagged("BAD Line too long.")
+
+    def answer_too_many_errors(self) -> bytes:
+        return imap4.untagged("BYE Too many errors, closing connection.")
+
+    def answer_login_timeout(self) -> bytes:
+        return imap4.untagged("BYE Login timeout, closing connection.")
+
+    def answer_auth_failed(self) -> bytes:
+        return imap4.tagged(self._login_tag, "NO", "Authentication failed.", code="AUTHENTICATIONFAILED")
+
+    def answer_temporary_failure(self) -> bytes:
+        return imap4.tagged(
+            self._login_tag, "NO", "Service temporarily unavailable, try again later.", code="UNAVAILABLE"
+        )
