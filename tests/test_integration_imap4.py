@@ -154,7 +154,7 @@ class ClientTests(IMAP4IntegrationBase):
         most = 0
         while not state["done"]:
             for session in self.gateway.service.registry.sessions("imap4"):  # type: ignore[union-attr]
-                relay = session.owner.relay  # type: ignore[attr-defined]
+                relay = session.owner.relay  # type: ignore[attr-defined,union-attr]
                 if relay is not None:
                     most = max(most, buffered(relay._server), buffered(relay._client))
             await deferLater(0.005)

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailgw.auth.portal import GatewayRealm
 from mailgw.config import Config, parse_config
-from mailgw.proxy.core import MAX_ERRORS, ProxyEnvironment
+from mailgw.proxy.core import MAX_ERRORS, ProxyEnvironment, ProxySession
 from mailgw.proxy.gatekeeper import Gatekeeper
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.registry import SessionRegistry, SessionState
@@ -27,7 +27,12 @@ from mailgw.testing import ScriptedConnector, StaticChecker, TLSStringTransport
 USERS = {"alice": ("alice-pw", None), "bob": ("bob-pw", "Solo"), "nobody": ("nobody-pw", "Blocked")}
 
 
-def make_config(pop3s: dict[str, Any] | None = None, policies: list[dict[str, Any]] | None = None) -> Config:
+def make_config(
+    pop3s: dict[str, Any] | None = None,
+    policies: list[dict[str, Any]] | None = None,
+    imap4s: dict[str, Any] | None = None,
+    smtps: dict[str, Any] | None = None,
+) -> Config:
     data: dict[str, Any] = {
         "gateway": {"state_dir": "state"},
         "tls": {"generate_self_signed": True},
@@ -35,6 +40,16 @@ def make_config(pop3s: dict[str, Any] | None = None, policies: list[dict[str, An
             "default_server": {"host": "127.0.0.1", "port": 110, "tls": "none"},
             "allowed_servers": ["mail2.example.com"],
             **(pop3s or {}),
+        },
+        "imap4s": {
+            "default_server": {"host": "127.0.0.1", "port": 143, "tls": "none"},
+            "allowed_servers": ["mail2.example.com"],
+            **(imap4s or {}),
+        },
+        "smtps": {
+            "default_server": {"host": "127.0.0.1", "port": 587, "tls": "none"},
+            "allowed_servers": ["mail2.example.com"],
+            **(smtps or {}),
         },
         "aaa_server_group": [{"name": "LOCAL", "protocol": "local", "users_file": "users.toml"}],
         "group_policy": policies
@@ -48,9 +63,19 @@ def make_config(pop3s: dict[str, Any] | None = None, policies: list[dict[str, An
 
 
 class POP3Harness:
-    """A POP3 proxy environment with a static checker and a scripted upstream."""
+    """A proxy environment (POP3 unless told otherwise) with a static checker and a
+    scripted upstream."""
 
-    def __init__(self, config: Config, *, unreachable: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        unreachable: bool = False,
+        protocol: str = "pop3s",
+        session_class: type[ProxySession] = POP3Session,
+    ) -> None:
+        self.session_class = session_class
+        proxy = config.proxy(protocol)
         self.clock = Clock()
         self.config = config
         self.registry = SessionRegistry(self.clock)
@@ -58,17 +83,17 @@ class POP3Harness:
         portals = {"LOCAL": Portal(realm, [StaticChecker(USERS)])}
         self.connector = ScriptedConnector(unreachable=unreachable)
         self.env = ProxyEnvironment(
-            proxy=config.pop3s,
+            proxy=proxy,
             clock=self.clock,
             registry=self.registry,
-            gatekeeper=Gatekeeper(config.pop3s, portals, self.registry, config.group_policy),
+            gatekeeper=Gatekeeper(proxy, portals, self.registry, config.group_policy),
             connector=self.connector,  # type: ignore[arg-type]
             server_tls=object(),
             failure_delay=1.0,
         )
 
-    def connect(self, *, implicit_tls: bool = True, port: int = 40000) -> tuple[POP3Session, TLSStringTransport]:
-        session = POP3Session(self.env, implicit_tls=implicit_tls)
+    def connect(self, *, implicit_tls: bool = True, port: int = 40000) -> tuple[Any, TLSStringTransport]:
+        session = self.session_class(self.env, implicit_tls=implicit_tls)
         transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", port))
         session.makeConnection(transport)
         return session, transport

@@ -85,10 +85,13 @@ class Gatekeeper:
         """Establish the VPN identity by the proxy's authentication methods [4.3],
         then apply simultaneous logins [5.5].  Raises L{LoginFailed}.
 
-        C{None} means the identity is left to the mailhost login (SMTPS with
-        C{mailhost} among its methods, when no other method established it): the
-        caller then calls L{mailhost_identity} once the mail server accepted the AUTH.
+        C{None} means the identity is left to the mailhost login (SMTPS whose only
+        method is C{mailhost}): the caller then calls L{mailhost_identity} once the
+        mail server accepted the AUTH.  Listed beside other methods, C{mailhost} only
+        means "AUTH upstream" and establishes no identity [4.3].
         """
+        if tuple(self.proxy.authentication) == ("mailhost",):
+            return None
         reasons: list[str] = []
         temporary = False
         identity: VPNIdentity | None = None
@@ -109,14 +112,6 @@ class Gatekeeper:
             if identity is not None:
                 break
         if identity is None:
-            if "mailhost" in self.proxy.authentication:
-                if reasons:
-                    self.log.info(
-                        "Session {session_id}: {reason}; the mailhost login decides",
-                        session_id=info.session_id,
-                        reason="; ".join(reasons),
-                    )
-                return None
             raise LoginFailed("; ".join(reasons) or "no authentication method succeeded", temporary=temporary)
         self._claim(info, identity)
         return identity

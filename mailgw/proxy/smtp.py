@@ -70,7 +70,10 @@ class SMTPSession(ProxySession):
             self.protocol_error(self.answer_line_too_long())
             return
         except ProtocolError:
-            self.protocol_error(smtp.reply(500, "Syntax error, command unrecognized", "5.5.2"))
+            if line[:5].upper() == b"AUTH ":
+                self.protocol_error(smtp.reply(501, "Syntax error in AUTH parameters", "5.5.2"))
+            else:
+                self.protocol_error(smtp.reply(500, "Syntax error, command unrecognized", "5.5.2"))
             return
         verb = command.verb
         if verb in ("EHLO", "HELO"):

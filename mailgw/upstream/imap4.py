@@ -9,10 +9,13 @@ tag by the proxy), carrying the server's capabilities [4.5]: when the server's O
 from __future__ import annotations
 
 import enum
+import re
 
 from mailgw.upstream import UpstreamLoginRejected, UpstreamProtocol, UpstreamUnavailable
 from mailgw.wire import imap4
 from mailgw.wire.errors import ProtocolError
+
+_RAW_CAPABILITIES = re.compile(rb"(?:\[CAPABILITY|^\* CAPABILITY) ([^\]\r\n]*)", re.IGNORECASE)
 
 
 class _State(enum.Enum):
@@ -34,6 +37,7 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
         self._serial = 0
         self._tag = ""
         self._capabilities: tuple[str, ...] = ()
+        self._raw_capabilities = b""
         self._chunks: list[bytes] = []
         self._ok: imap4.Response | None = None
 
@@ -48,6 +52,9 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
             raise ProtocolError("server sent a literal before login")
         if response.capabilities is not None:
             self._capabilities = response.capabilities
+            # keep the server's own spelling to pass on (the codec upper-cases)
+            raw = _RAW_CAPABILITIES.search(line)
+            self._raw_capabilities = raw.group(1) if raw else " ".join(response.capabilities).encode()
         if self._state is _State.GREETING:
             self._greeting(response)
         elif response.is_continuation:
@@ -74,7 +81,7 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
             self._logged_in(response)
         elif self._state is _State.POST_CAPABILITY:
             assert self._ok is not None
-            self.succeed(self._answer(self._ok, self._capabilities))
+            self.succeed(self._answer(self._ok, self._raw_capabilities))
 
     def _greeting(self, response: imap4.Response) -> None:
         if response.tag != "*" or response.status != "OK":
@@ -119,7 +126,7 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
     def _logged_in(self, response: imap4.Response) -> None:
         if response.ok:
             if response.capabilities is not None:
-                self.succeed(self._answer(response, response.capabilities))
+                self.succeed(self._answer(response, self._raw_capabilities))
             else:
                 self._ok = response
                 self._state = _State.POST_CAPABILITY
@@ -130,9 +137,7 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
             self.fail(UpstreamLoginRejected("mail server rejected the login"))
 
     @staticmethod
-    def _answer(response: imap4.Response, capabilities: tuple[str, ...]) -> bytes:
+    def _answer(response: imap4.Response, capabilities: bytes) -> bytes:
         """The tagged OK's text for the client, without a tag: ``OK [CAPABILITY …] …``."""
-        text = response.text or "Logged in"
-        return b"OK [CAPABILITY " + " ".join(capabilities).encode("ascii", "replace") + b"] " + text.encode(
-            "utf-8", "replace"
-        ) + b"\r\n"
+        text = (response.text or "Logged in").encode("utf-8", "replace")
+        return b"OK [CAPABILITY " + capabilities + b"] " + text + b"\r\n"

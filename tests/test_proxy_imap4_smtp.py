@@ -1,0 +1,218 @@
+"""The IMAP and SMTP proxies' dialogues over StringTransport with a Clock (the same
+behaviours run against real Dovecot in test_integration_imap4/_smtp)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailgw.proxy.imap4 import IMAP4Session
+from mailgw.proxy.registry import SessionState
+from mailgw.proxy.smtp import SMTPSession
+from mailgw.testing import TLSStringTransport
+from tests.test_proxy_pop3 import POP3Harness, answers, make_config
+
+
+def imap_harness(**options: Any) -> POP3Harness:
+    return POP3Harness(make_config(imap4s=options), protocol="imap4s", session_class=IMAP4Session)
+
+
+def smtp_harness(**options: Any) -> POP3Harness:
+    return POP3Harness(make_config(smtps=options), protocol="smtps", session_class=SMTPSession)
+
+
+def upstream_wire(harness: POP3Harness) -> TLSStringTransport:
+    transport = harness.connector.upstreams[-1].transport
+    assert isinstance(transport, TLSStringTransport)
+    return transport
+
+
+class IMAP4DialogueTests(SynchronousTestCase):
+    def test_greetingCapabilities(self) -> None:
+        """The greeting carries the capabilities: LOGINDISABLED and STARTTLS on the
+        plaintext port, AUTH=PLAIN and SASL-IR over TLS."""
+        harness = imap_harness()
+        _, plain = harness.connect(implicit_tls=False)
+        greeting = answers(plain)[0]
+        self.assertIn(b"LOGINDISABLED", greeting)
+        self.assertIn(b"STARTTLS", greeting)
+        _, tls = harness.connect()
+        greeting = answers(tls)[0]
+        self.assertIn(b"AUTH=PLAIN", greeting)
+        self.assertIn(b"SASL-IR", greeting)
+        self.assertNotIn(b"STARTTLS", greeting)
+
+    def test_starttlsDiscardsPipelined(self) -> None:
+        """Commands pipelined after STARTTLS in the same packet are not executed."""
+        harness = imap_harness()
+        session, transport = harness.connect(implicit_tls=False)
+        answers(transport)
+        session.dataReceived(b"a STARTTLS\r\nb LOGIN alice alice-pw\r\n")
+        self.assertEqual(answers(transport), [b"a OK Begin TLS negotiation now."])
+        self.assertIsNotNone(transport.tls_options)
+        self.assertEqual(harness.connector.targets, [])
+        session.dataReceived(b"c CAPABILITY\r\n")
+        lines = answers(transport)
+        self.assertNotIn(b"STARTTLS", lines[0])
+        self.assertIn(b"AUTH=PLAIN", lines[0])
+
+    def test_literalLoginRelaysWithUpstreamCapabilities(self) -> None:
+        """LOGIN with a synchronizing literal password: '+' then the login upstream;
+        the client's tagged OK carries the server's capabilities; a command
+        pipelined after the login is relayed."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN alice {8}\r\n")
+        self.assertEqual(answers(transport), [b"+ Ready for literal data"])
+        session.dataReceived(b"alice-pw\r\nb SELECT INBOX\r\n")
+        upstream = harness.connector.upstreams[-1]
+        upstream.dataReceived(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n")
+        wire = upstream_wire(harness)
+        self.assertEqual(wire.value(), b'mgw1 LOGIN "alice" "alice-pw"\r\n')
+        wire.clear()
+        upstream.dataReceived(b"mgw1 OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n")
+        self.assertEqual(answers(transport), [b"a OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in"])
+        self.assertEqual(wire.value(), b"b SELECT INBOX\r\n")
+
+    def test_capabilitiesFetchedWhenOkHasNone(self) -> None:
+        """When the server's OK carries no capabilities, the gateway asks for them
+        and puts them in the client's OK; untagged data of the login is not passed on."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN alice alice-pw\r\n")
+        upstream = harness.connector.upstreams[-1]
+        upstream.dataReceived(b"* OK ready\r\n")
+        self.assertEqual(upstream_wire(harness).value(), b"mgw1 CAPABILITY\r\n")
+        upstream.dataReceived(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nmgw1 OK done\r\n")
+        upstream.dataReceived(b"mgw2 OK Logged in\r\n")
+        upstream.dataReceived(b"* CAPABILITY IMAP4rev1 IDLE\r\nmgw3 OK done\r\n")
+        self.assertEqual(answers(transport), [b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"])
+
+    def test_authenticateContinuationAndFailure(self) -> None:
+        """AUTHENTICATE PLAIN without SASL-IR asks with '+'; a wrong password gets
+        NO [AUTHENTICATIONFAILED] after the delay."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"x AUTHENTICATE PLAIN\r\n")
+        self.assertEqual(answers(transport), [b"+ "])
+        session.dataReceived(base64.b64encode(b"\x00alice\x00wrong") + b"\r\n")
+        self.assertEqual(answers(transport), [])
+        harness.clock.advance(1)
+        self.assertEqual(answers(transport), [b"x NO [AUTHENTICATIONFAILED] Authentication failed."])
+
+    def test_hugeLiteralRefused(self) -> None:
+        """A literal announcing 2 GB before login is refused at once."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN {2147483648}\r\n")
+        lines = answers(transport)
+        self.assertTrue(lines[0].startswith(b"a BAD"), lines)
+        self.assertLess(session.reader.buffered, 100)
+
+    def test_upstreamUnavailable(self) -> None:
+        """An unreachable server gives NO [UNAVAILABLE] at once."""
+        harness = POP3Harness(make_config(), protocol="imap4s", session_class=IMAP4Session, unreachable=True)
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN alice alice-pw\r\n")
+        self.assertEqual(answers(transport), [b"a NO [UNAVAILABLE] Service temporarily unavailable, try again later."])
+
+    def test_logout(self) -> None:
+        """LOGOUT before login: BYE, tagged OK, close."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"z LOGOUT\r\n")
+        self.assertEqual(answers(transport), [b"* BYE Logging out.", b"z OK LOGOUT completed."])
+        self.assertTrue(transport.disconnecting)
+
+
+class SMTPDialogueTests(SynchronousTestCase):
+    def test_ehloBeforeAndAfterTLS(self) -> None:
+        """EHLO on the plaintext port offers STARTTLS and no AUTH; over TLS, AUTH."""
+        harness = smtp_harness()
+        session, transport = harness.connect(implicit_tls=False)
+        self.assertTrue(answers(transport)[0].startswith(b"220 "))
+        session.dataReceived(b"EHLO client.example\r\n")
+        lines = answers(transport)
+        self.assertIn(b"STARTTLS", [line[4:] for line in lines])
+        self.assertFalse(any(b"AUTH" in line for line in lines))
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"EHLO client.example\r\n")
+        self.assertIn(b"250 AUTH PLAIN LOGIN", answers(transport))
+
+    def test_starttlsDiscardsPipelined(self) -> None:
+        """Commands pipelined after STARTTLS are not executed; EHLO is needed again."""
+        harness = smtp_harness()
+        session, transport = harness.connect(implicit_tls=False)
+        answers(transport)
+        session.dataReceived(b"EHLO c\r\n")
+        answers(transport)
+        session.dataReceived(b"STARTTLS\r\nAUTH PLAIN " + base64.b64encode(b"\x00alice\x00alice-pw") + b"\r\n")
+        self.assertEqual(answers(transport), [b"220 2.0.0 Ready to start TLS"])
+        self.assertEqual(harness.connector.targets, [])
+        session.dataReceived(b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00alice-pw") + b"\r\n")
+        self.assertEqual(answers(transport), [b"503 5.5.1 Send EHLO first"])
+
+    def test_authLoginThenRelay(self) -> None:
+        """AUTH LOGIN: the upstream session is set up with EHLO and AUTH PLAIN of the
+        MAILUSER (mailhost listed), the client gets 235, and a MAIL FROM pipelined
+        after the password is relayed."""
+        harness = smtp_harness(authentication=["aaa", "mailhost"])
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"EHLO c\r\nAUTH LOGIN\r\n")
+        self.assertEqual(answers(transport)[-1], b"334 VXNlcm5hbWU6")
+        session.dataReceived(base64.b64encode(b"alice") + b"\r\n")
+        self.assertEqual(answers(transport), [b"334 UGFzc3dvcmQ6"])
+        session.dataReceived(base64.b64encode(b"alice-pw") + b"\r\nMAIL FROM:<a@example.com>\r\n")
+        upstream = harness.connector.upstreams[-1]
+        wire = upstream_wire(harness)
+        upstream.dataReceived(b"220 mail ESMTP\r\n")
+        self.assertEqual(wire.value(), b"EHLO mailgw\r\n")
+        wire.clear()
+        upstream.dataReceived(b"250-mail\r\n250-SIZE 1000\r\n250 AUTH PLAIN LOGIN\r\n")
+        self.assertEqual(wire.value(), b"AUTH PLAIN " + base64.b64encode(b"\x00alice\x00alice-pw") + b"\r\n")
+        wire.clear()
+        upstream.dataReceived(b"235 2.7.0 OK\r\n")
+        self.assertEqual(answers(transport), [b"235 2.7.0 Authentication successful"])
+        self.assertEqual(wire.value(), b"MAIL FROM:<a@example.com>\r\n")
+        assert session.info is not None
+        self.assertIs(session.info.state, SessionState.AUTHENTICATED)
+
+    def test_withoutMailhostNoUpstreamAuth(self) -> None:
+        """Without mailhost the gateway relays unauthenticated after its own AAA."""
+        harness = smtp_harness(authentication=["aaa"])
+        session, transport = harness.connect()
+        session.dataReceived(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\x00alice\x00alice-pw") + b"\r\n")
+        upstream = harness.connector.upstreams[-1]
+        upstream.dataReceived(b"220 mail ESMTP\r\n250 mail\r\n")
+        self.assertEqual(upstream_wire(harness).value(), b"EHLO mailgw\r\n")
+        self.assertEqual(answers(transport)[-1], b"235 2.7.0 Authentication successful")
+
+    def test_mailBeforeAuth(self) -> None:
+        """MAIL before AUTH: 530."""
+        harness = smtp_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
+        self.assertEqual(answers(transport)[-1], b"530 5.7.0 Authentication required")
+
+    def test_authFailedAndCancelled(self) -> None:
+        """A wrong password gets 535 after the delay; '*' cancels with 501."""
+        harness = smtp_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\x00alice\x00bad") + b"\r\n")
+        answers(transport)
+        harness.clock.advance(1)
+        self.assertEqual(answers(transport), [b"535 5.7.8 Authentication credentials invalid"])
+        session.dataReceived(b"AUTH PLAIN\r\n*\r\n")
+        self.assertEqual(answers(transport), [b"334 ", b"501 5.7.0 Authentication cancelled"])
