@@ -87,7 +87,7 @@ class ClientTests(IMAP4IntegrationBase):
         def session() -> tuple[Any, ...]:
             client = imaplib.IMAP4("127.0.0.1", port, timeout=60)
             client.starttls(self.context())
-            client.literal = QUOTED_PASSWORD.encode()  # type: ignore[attr-defined]
+            client.literal = QUOTED_PASSWORD.encode()  # type: ignore[attr-defined,assignment]
             typ, data = client._simple_command("LOGIN", "carol")  # type: ignore[attr-defined]
             login = (typ, data, client.untagged_responses.get("CAPABILITY"))
             client.state = "AUTH"
@@ -145,7 +145,7 @@ class ClientTests(IMAP4IntegrationBase):
                 result = client.append("INBOX", None, None, body)
                 client.select("INBOX")
                 _, data = client.fetch(str(len(self.messages) + 1), "(BODY.PEEK[])")
-                return result, data[0][1]
+                return result, data[0][1]  # type: ignore[index]
             finally:
                 state["done"] = True
                 client.logout()

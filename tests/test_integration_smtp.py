@@ -248,7 +248,7 @@ class BadInputTests(SMTPIntegrationBase):
 
         def closed(reader: Any) -> bool:
             try:
-                return reader.read() == b""
+                return bool(reader.read() == b"")
             except OSError:
                 return True
 
