@@ -318,11 +318,14 @@ class RadiusGroup:
 
 @dataclass(frozen=True, slots=True)
 class Pop3Server:
-    """One server of a POP3 group."""
+    """One server of a POP3 group (``verify_certificate`` and ``ca`` as for a proxy's
+    ``default_server``: an extension of SPEC [3], so a private CA can be trusted)."""
 
     host: str
     port: int
     tls: str
+    verify_certificate: bool = True
+    ca: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1232,7 +1235,7 @@ def _parse_server_groups(root: _Table, base: Path) -> tuple[tuple[AAAServerGroup
         elif protocol == "radius":
             group = _parse_radius_group(t, name)
         else:
-            group = _parse_pop3_group(t, name)
+            group = _parse_pop3_group(t, name, base)
         t.finish()
         groups.append(group)
         paths.append(t.path)
@@ -1363,7 +1366,7 @@ def _parse_radius_group(t: _Table, name: str) -> RadiusGroup:
     )
 
 
-def _parse_pop3_group(t: _Table, name: str) -> Pop3Group:
+def _parse_pop3_group(t: _Table, name: str, base: Path) -> Pop3Group:
     servers: list[Pop3Server] = []
     tables = t.tables("servers")
     for s in tables or []:
@@ -1372,8 +1375,10 @@ def _parse_pop3_group(t: _Table, name: str) -> Pop3Group:
             _check_host(s.ctx, s.key("host"), host)
         tls = s.string("tls", "starttls", choices=UPSTREAM_TLS)
         port = s.port("port", 995 if tls == "implicit" else 110)
+        verify = s.boolean("verify_certificate", True)
+        ca = s.path_value("ca", "", base)
         s.finish()
-        servers.append(Pop3Server(host, port, tls))
+        servers.append(Pop3Server(host, port, tls, verify, ca))
     if tables is None or t.empty_array("servers"):
         t.problem("servers", "must list at least one server")
     return Pop3Group(name, "pop3", tuple(servers), t.boolean("strip_domain", False))
@@ -1687,6 +1692,8 @@ def _check_files(ctx: _Context, config: Config, group_paths: list[str]) -> None:
             local_groups.append((f"{path}.users_file", group))
         elif isinstance(group, LdapGroup):
             files.append((f"{path}.ca", group.ca))
+        elif isinstance(group, Pop3Group):
+            files.extend((f"{path}.servers[{i}].ca", server.ca) for i, server in enumerate(group.servers))
     if config.admin.manhole:
         files.append(("admin.manhole_authorized_keys", config.admin.manhole_authorized_keys))
     for key, file in files:

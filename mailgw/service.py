@@ -16,6 +16,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -23,10 +24,12 @@ from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailgw.auth.ldap import LdapChecker
 from mailgw.auth.local import LocalUsersChecker
+from mailgw.auth.pop3 import Pop3Checker
 from mailgw.auth.portal import GatewayRealm, make_portal
 from mailgw.auth.unavailable import UnsupportedGroupChecker
-from mailgw.config import Config, InterfaceConfig, LocalGroup, ProxyConfig
+from mailgw.config import Config, InterfaceConfig, LdapGroup, LocalGroup, Pop3Group, ProxyConfig
 from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Gatekeeper
@@ -106,11 +109,18 @@ class GatewayService(MultiService):
         self.connector = Connector(reactor)
         realm = GatewayRealm(config.group_policy)
         self.portals: dict[str, Portal] = {}
+        self.checkers: dict[str, Any] = {}
         for group in config.aaa_server_groups:
+            checker: Any
             if isinstance(group, LocalGroup):
-                checker: Any = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
+                checker = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
+            elif isinstance(group, LdapGroup):
+                checker = LdapChecker(group, reactor, self.threadpool)
+            elif isinstance(group, Pop3Group):
+                checker = Pop3Checker(group, self.connector)
             else:
                 checker = UnsupportedGroupChecker(group.name, group.protocol)
+            self.checkers[group.name] = checker
             self.portals[group.name] = make_portal(checker, realm)
 
         self.environments: dict[str, ProxyEnvironment] = {}
@@ -149,6 +159,18 @@ class GatewayService(MultiService):
         super().startService()
         for listener in self.listeners():
             self.log.info("Listening: {listener}", listener=listener.description)
+
+    async def _stop(self) -> None:
+        # Checkers release their pooled connections while the thread pool (a child
+        # service, stopped below) still runs.
+        for checker in self.checkers.values():
+            close = getattr(checker, "close", None)
+            if close is not None:
+                await defer.maybeDeferred(close)
+        await defer.maybeDeferred(super().stopService)
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._stop())
 
 
 def _listeners(

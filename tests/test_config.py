@@ -1581,3 +1581,47 @@ class PropertyTests(SynchronousTestCase):
         config = parse_config(merge(base(), {"sso": {"pop3": {"policy": [str(network)]}}}), BASE_DIR, check_files=False)
         self.assertEqual(config.sso_pop3.policy, (network,))
         self.assertTrue(config.sso_pop3.applies_to(str(network.network_address)))
+
+
+class Pop3ServerTrustTests(SynchronousTestCase):
+    """pop3 group servers take verify_certificate and ca like a default_server."""
+
+    def test_caResolvedAndVerifyRead(self) -> None:
+        """ca is resolved against the configuration folder; verify_certificate is read."""
+        data = {
+            "tls": {"generate_self_signed": True},
+            "aaa_server_group": [
+                {"name": "LOCAL", "protocol": "local"},
+                {
+                    "name": "mailserver",
+                    "protocol": "pop3",
+                    "servers": [
+                        {"host": "127.0.0.1", "ca": "certs/ca.pem"},
+                        {"host": "mail.example.com", "verify_certificate": False},
+                    ],
+                },
+            ],
+        }
+        config = parse_config(data, Path("/etc/mailgw"), check_files=False)
+        group = config.aaa_group("mailserver")
+        assert isinstance(group, Pop3Group)
+        self.assertEqual(group.servers[0].ca, Path("/etc/mailgw/certs/ca.pem"))
+        self.assertTrue(group.servers[0].verify_certificate)
+        self.assertFalse(group.servers[1].verify_certificate)
+        self.assertIsNone(group.servers[1].ca)
+
+    def test_missingCaFileNamed(self) -> None:
+        """A missing ca file is reported with its key path."""
+        data = {
+            "tls": {"generate_self_signed": True},
+            "aaa_server_group": [
+                {"name": "LOCAL", "protocol": "local", "users_file": "/dev/null"},
+                {"name": "mailserver", "protocol": "pop3", "servers": [{"host": "127.0.0.1", "ca": "nope.pem"}]},
+            ],
+        }
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(data, Path("/nonexistent"), check_files=True)
+        self.assertTrue(
+            any(p.startswith("aaa_server_group[1].servers[0].ca: file not found") for p in caught.exception.problems),
+            caught.exception.problems,
+        )

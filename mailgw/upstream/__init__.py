@@ -206,7 +206,7 @@ class Connector:
         login_timeout: float = 30.0,
     ) -> None:
         self._reactor = reactor
-        self._clock: IReactorTime = reactor  # type: ignore[assignment]
+        self.clock: IReactorTime = reactor  # type: ignore[assignment]
         self.connect_timeout = connect_timeout
         self.login_timeout = login_timeout
         self._tls = ClientTLSCache()
@@ -233,12 +233,12 @@ class Connector:
         factory.noisy = False
         try:
             connecting = endpoint.connect(factory)
-            connecting.addTimeout(self.connect_timeout + 1, self._clock)
+            connecting.addTimeout(self.connect_timeout + 1, self.clock)
             protocol: P = await connecting  # type: ignore[assignment]
         except (ConnectError, DNSLookupError, defer.TimeoutError, OSError) as e:
             raise UpstreamUnavailable(f"cannot connect to {target.describe()}: {_describe(Failure(e))}") from None
         answer = protocol.begin_login(user, password)
-        answer.addTimeout(self.login_timeout, self._clock)
+        answer.addTimeout(self.login_timeout, self.clock)
         try:
             text = await answer
         except defer.TimeoutError:
