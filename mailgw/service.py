@@ -32,7 +32,7 @@ from mailgw.auth.unavailable import UnsupportedGroupChecker
 from mailgw.config import Config, InterfaceConfig, LdapGroup, LocalGroup, Pop3Group, ProxyConfig
 from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
-from mailgw.proxy.gatekeeper import Gatekeeper
+from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
 from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
@@ -110,12 +110,15 @@ class GatewayService(MultiService):
         realm = GatewayRealm(config.group_policy)
         self.portals: dict[str, Portal] = {}
         self.checkers: dict[str, Any] = {}
+        #: server groups that can look a user up without a password [5.2]
+        self.authorizers: dict[str, Authorizer] = {}
         for group in config.aaa_server_groups:
             checker: Any
             if isinstance(group, LocalGroup):
                 checker = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
             elif isinstance(group, LdapGroup):
                 checker = LdapChecker(group, reactor, self.threadpool)
+                self.authorizers[group.name] = checker.authorize
             elif isinstance(group, Pop3Group):
                 checker = Pop3Checker(group, self.connector)
             else:
@@ -132,7 +135,9 @@ class GatewayService(MultiService):
                 proxy=proxy,
                 clock=reactor,
                 registry=self.registry,
-                gatekeeper=Gatekeeper(proxy, self.portals, self.registry, config.group_policy),
+                gatekeeper=Gatekeeper(
+                    proxy, self.portals, self.registry, config.group_policy, authorizers=self.authorizers
+                ),
                 connector=self.connector,
                 server_tls=self.server_tls,
                 node_name=config.gateway.node_name,

@@ -21,7 +21,7 @@ from mailgw.config import InterfaceConfig, ProxyConfig
 from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay
-from mailgw.tls import set_nodelay
+from mailgw.tls import peer_certificate, set_nodelay
 from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -339,7 +339,9 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         try:
             target = self.env.gatekeeper.target_for(request)
             info.upstream = target.describe()
-            identity = await self.env.gatekeeper.authenticate(info, request, self.client_ip)
+            identity = await self.env.gatekeeper.authenticate(
+                info, request, self.client_ip, peer_certificate(self.transport)
+            )
         except LoginFailed as e:
             self._login_failed(e)
             return

@@ -4,18 +4,31 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
+from cryptography import x509
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
 
-from mailgw.auth.portal import AAAUnavailable, IVPNIdentity, LoginContext, VPNIdentity
+from mailgw.auth.certificate import CertificateRejected, identity_from_certificate
+from mailgw.auth.portal import (
+    AAAUnavailable,
+    AuthenticatedUser,
+    GatewayRealm,
+    IVPNIdentity,
+    LoginContext,
+    VPNIdentity,
+)
 from mailgw.config import GroupPolicy, ProxyConfig
 from mailgw.proxy.registry import LoginRefused, SessionInfo, SessionRegistry
 from mailgw.upstream import UpstreamTarget
 from mailgw.wire.login import LoginRequest
+
+#: looks a user up in an authorization server group: (username, secondary) → attributes
+Authorizer = Callable[[str, "str | None"], Awaitable[AuthenticatedUser]]
 
 
 class LoginFailed(Exception):
@@ -53,8 +66,12 @@ class Gatekeeper:
         portals: Mapping[str, Portal],
         registry: SessionRegistry,
         lookup_policy: Callable[[str], GroupPolicy | None],
+        *,
+        authorizers: Mapping[str, Authorizer] | None = None,
     ) -> None:
         self.proxy = proxy
+        self._authorizers = authorizers or {}
+        self._realm = GatewayRealm(lookup_policy)
         self._portals = portals
         self._registry = registry
         self._lookup_policy = lookup_policy
@@ -81,7 +98,13 @@ class Gatekeeper:
             ca=default.ca,
         )
 
-    async def authenticate(self, info: SessionInfo, request: LoginRequest, client_ip: str) -> VPNIdentity | None:
+    async def authenticate(
+        self,
+        info: SessionInfo,
+        request: LoginRequest,
+        client_ip: str,
+        certificate: x509.Certificate | None = None,
+    ) -> VPNIdentity | None:
         """Establish the VPN identity by the proxy's authentication methods [4.3],
         then apply simultaneous logins [5.5].  Raises L{LoginFailed}.
 
@@ -95,20 +118,27 @@ class Gatekeeper:
         reasons: list[str] = []
         temporary = False
         identity: VPNIdentity | None = None
+        context = LoginContext(
+            protocol=self.proxy.protocol,
+            client_ip=client_ip,
+            default_group_policy=self.proxy.default_group_policy,
+        )
         for method in self.proxy.authentication:
-            if method == "aaa":
-                try:
-                    identity = await self._aaa(request, client_ip)
-                except UnauthorizedLogin as e:
-                    reasons.append(f"aaa: {e}")
-                except AAAUnavailable as e:
-                    reasons.append(f"aaa: {e}")
-                    temporary = True
-            elif method == "mailhost":
-                # SMTPS only: the upstream AUTH is the check; handled by the proxy.
-                continue
-            else:
-                reasons.append(f"{method}: method not available for this login")
+            try:
+                if method == "aaa":
+                    identity = await self._aaa(request, context)
+                elif method == "certificate":
+                    identity = await self._certificate(certificate, context)
+                elif method == "mailhost":
+                    # Beside other methods: AUTH upstream only (the proxy does it).
+                    continue
+                else:
+                    reasons.append(f"{method}: no identity table in this version")
+            except UnauthorizedLogin as e:
+                reasons.append(f"{method}: {e}")
+            except AAAUnavailable as e:
+                reasons.append(f"{method}: {e}")
+                temporary = True
             if identity is not None:
                 break
         if identity is None:
@@ -127,16 +157,49 @@ class Gatekeeper:
         self._claim(info, identity)
         return identity
 
-    async def _aaa(self, request: LoginRequest, client_ip: str) -> VPNIdentity:
+    async def _aaa(self, request: LoginRequest, context: LoginContext) -> VPNIdentity:
         portal = self._portals[self.proxy.authentication_server_group]
-        context = LoginContext(
-            protocol=self.proxy.protocol,
-            client_ip=client_ip,
-            default_group_policy=self.proxy.default_group_policy,
-            method="aaa",
-        )
         credentials = UsernamePassword(request.vpn_user.encode("utf-8"), request.vpn_password.encode("utf-8"))
-        _, identity, _ = await portal.login(credentials, context, IVPNIdentity)
+        _, identity, _ = await portal.login(credentials, replace(context, method="aaa"), IVPNIdentity)
+        assert isinstance(identity, VPNIdentity)
+        if self.proxy.authorization_server_group:
+            # [5.2]: the user must also be found there, and its attributes decide.
+            return await self._authorized(identity.user, None, replace(context, method="aaa"))
+        return identity
+
+    async def _certificate(self, certificate: x509.Certificate | None, context: LoginContext) -> VPNIdentity:
+        """The VPN identity from the client's verified certificate [4.3, 5.3]."""
+        if certificate is None:
+            raise UnauthorizedLogin("the client sent no (verified) certificate")
+        mapping = self.proxy.authorization
+        try:
+            found = identity_from_certificate(
+                certificate,
+                mode=mapping.username_from_certificate,
+                primary=mapping.primary_dn_field,
+                secondary=mapping.secondary_dn_field,
+            )
+        except CertificateRejected as e:
+            raise UnauthorizedLogin(f"certificate refused: {e.reason}") from None
+        context = replace(context, method="certificate")
+        if self.proxy.authorization_server_group:
+            return await self._authorized(found.username, found.secondary, context)
+        user = AuthenticatedUser(name=found.username, server_group="certificate", secondary=found.secondary)
+        return self._identity(user, context)
+
+    async def _authorized(self, username: str, secondary: str | None, context: LoginContext) -> VPNIdentity:
+        group = self.proxy.authorization_server_group
+        authorize = self._authorizers.get(group)
+        if authorize is None:
+            raise AAAUnavailable(f"authorization group {group!r} cannot authorize")
+        try:
+            user = await authorize(username, secondary)
+        except UnauthorizedLogin as e:
+            raise UnauthorizedLogin(f"not authorized by group {group!r}: {e}") from None
+        return self._identity(user, context)
+
+    def _identity(self, user: AuthenticatedUser, context: LoginContext) -> VPNIdentity:
+        _, identity, _ = self._realm.requestAvatar(user, context, IVPNIdentity)
         assert isinstance(identity, VPNIdentity)
         return identity
 
