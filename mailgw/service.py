@@ -27,9 +27,9 @@ from twisted.python.threadpool import ThreadPool
 from mailgw.auth.ldap import LdapChecker
 from mailgw.auth.local import LocalUsersChecker
 from mailgw.auth.pop3 import Pop3Checker
-from mailgw.auth.portal import GatewayRealm, make_portal
-from mailgw.auth.unavailable import UnsupportedGroupChecker
-from mailgw.config import Config, InterfaceConfig, LdapGroup, LocalGroup, Pop3Group, ProxyConfig
+from mailgw.auth.portal import AuthenticatedUser, GatewayRealm, make_portal
+from mailgw.auth.radius import RadiusAccounting, RadiusChecker, RadiusClient
+from mailgw.config import Config, InterfaceConfig, LdapGroup, LocalGroup, Pop3Group, ProxyConfig, RadiusGroup
 from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
@@ -110,6 +110,8 @@ class GatewayService(MultiService):
         realm = GatewayRealm(config.group_policy)
         self.portals: dict[str, Portal] = {}
         self.checkers: dict[str, Any] = {}
+        self.radius = RadiusClient(reactor)
+        self.accounting: dict[str, RadiusAccounting] = {}
         #: server groups that can look a user up without a password [5.2]
         self.authorizers: dict[str, Authorizer] = {}
         for group in config.aaa_server_groups:
@@ -122,7 +124,8 @@ class GatewayService(MultiService):
             elif isinstance(group, Pop3Group):
                 checker = Pop3Checker(group, self.connector)
             else:
-                checker = UnsupportedGroupChecker(group.name, group.protocol)
+                checker = RadiusChecker(group, self.radius, config.gateway.node_name)
+                self.authorizers[group.name] = _radius_authorizer(checker)
             self.checkers[group.name] = checker
             self.portals[group.name] = make_portal(checker, realm)
 
@@ -131,6 +134,14 @@ class GatewayService(MultiService):
             if not proxy.enabled:
                 continue
             session_class = SESSION_CLASSES[proxy.protocol]
+            accounting = None
+            if proxy.accounting_server_group:
+                accounting = self.accounting.get(proxy.accounting_server_group)
+                if accounting is None:
+                    group = config.aaa_group(proxy.accounting_server_group)
+                    assert isinstance(group, RadiusGroup)  # checked by the configuration
+                    accounting = RadiusAccounting.for_group(self.radius, group, config.gateway.node_name)
+                    self.accounting[proxy.accounting_server_group] = accounting
             env = ProxyEnvironment(
                 proxy=proxy,
                 clock=reactor,
@@ -142,6 +153,7 @@ class GatewayService(MultiService):
                 server_tls=self.server_tls,
                 node_name=config.gateway.node_name,
                 failure_delay=failure_delay,
+                accounting=accounting,
             )
             self.environments[proxy.protocol] = env
             for interface in config.interfaces:
@@ -173,9 +185,21 @@ class GatewayService(MultiService):
             if close is not None:
                 await defer.maybeDeferred(close)
         await defer.maybeDeferred(super().stopService)
+        for accounting in self.accounting.values():
+            accounting.close()
+        await self.radius.close()
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
+
+
+def _radius_authorizer(checker: RadiusChecker) -> Authorizer:
+    """RADIUS authorizes by name only (Authorize-Only has no secondary field)."""
+
+    def authorize(username: str, secondary: str | None) -> defer.Deferred[AuthenticatedUser]:
+        return checker.authorize(username)
+
+    return authorize
 
 
 def _listeners(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import poplib
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from tests.gateway import Gateway, start_gateway
 from tests.servers.base import free_port
 from tests.servers.dovecot import Dovecot
+from tests.servers.freeradius import FreeRadius, silent_udp_port
 from tests.servers.pki import TestPKI
 from tests.servers.slapd import Slapd
 from tests.test_integration_pop3 import in_thread
@@ -22,6 +24,7 @@ POLICIES = [
     {"name": "DfltGrpPolicy", "simultaneous_logins": 3},
     {"name": "MailUsers", "simultaneous_logins": 3},
     {"name": "Finance", "simultaneous_logins": 2},
+    {"name": "Engineering", "simultaneous_logins": 3},
 ]
 
 
@@ -206,3 +209,89 @@ class Pop3GroupTests(AAAIntegrationBase):
         gateway = self.gateway(mail, [group], server_delimiter="#")
         self.assertEqual(await self.login(gateway, "jdoe@corp.example:alice", "jdoe-vpn:alice-mail"), (0, 0))
         self.assertIn("-ERR [AUTH]", await self.login(gateway, "jdoe:alice", "wrong:alice-mail"))
+
+
+class RadiusTests(AAAIntegrationBase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.radius = FreeRadius.started(self)
+        self.mail = self.dovecot({"alice": "alice-password", "bob": "bob-password"})
+
+    def group(self, *ports: int, timeout: float = 0.5, retries: int = 1) -> dict[str, Any]:
+        return {
+            "name": "corp-radius",
+            "protocol": "radius",
+            "servers": [
+                {"host": "127.0.0.1", "auth_port": port, "acct_port": self.radius.acct_port,
+                 "secret": self.radius.secret}
+                for port in ports
+            ],
+            "timeout": timeout,
+            "retries": retries,
+        }
+
+    async def test_classDecidesPolicyAndAccounting(self) -> None:
+        """RADIUS users log in; the Class attribute decides the group policy (seen in
+        the session registry); a wrong password is refused; after a real session the
+        detail log shows Start and Stop with the same session id, the session time
+        and the octet counts."""
+        gateway = start_gateway(
+            self,
+            self.pki,
+            {},
+            {
+                "default_server": {"host": "127.0.0.1", "port": self.mail.pop3_port, "tls": "none"},
+                "authentication_server_group": "corp-radius",
+                "accounting_server_group": "corp-radius",
+            },
+            aaa_server_group=[{"name": "LOCAL", "protocol": "local"}, self.group(self.radius.auth_port)],
+            group_policy=POLICIES,
+        )
+        seen: dict[str, Any] = {}
+
+        def session(user: str, password: str) -> Any:
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca_path))
+            client = poplib.POP3_SSL("127.0.0.1", gateway.port(), context=ctx, timeout=30)
+            try:
+                client.user(user)
+                client.pass_(password)
+                seen[user] = [(s.user, s.group_policy) for s in gateway.service.registry]  # type: ignore[union-attr]
+                return client.stat()
+            finally:
+                client.quit()
+
+        self.assertEqual(await in_thread(session, "alice", "alice-password"), (0, 0))
+        self.assertEqual(await in_thread(session, "bob", "bob-password"), (0, 0))
+        self.assertIn(("alice", "Finance"), seen["alice"])
+        self.assertIn(("bob", "Engineering"), seen["bob"])
+        self.assertIn("-ERR [AUTH]", await self.login(gateway, "alice", "wrong"))
+        records = await in_thread(self.radius.wait_for_accounting, 4)
+        by_session: dict[str, list[dict[str, str]]] = {}
+        for record in records:
+            by_session.setdefault(record["Acct-Session-Id"].strip('"'), []).append(record)
+        self.assertEqual(len(by_session), 2)
+        for session_records in by_session.values():
+            kinds = [r["Acct-Status-Type"] for r in session_records]
+            self.assertEqual(kinds, ["Start", "Stop"])
+            stop = session_records[1]
+            self.assertIn("Acct-Session-Time", stop)
+            self.assertGreater(int(stop["Acct-Input-Octets"]), 0)
+            self.assertGreater(int(stop["Acct-Output-Octets"]), 0)
+            self.assertEqual(stop["Acct-Terminate-Cause"], "User-Request")
+            self.assertEqual(stop["Framed-IP-Address"], "127.0.0.1")
+        self.assertNotIn(self.radius.secret, gateway.log_text())
+        self.assertNotIn("alice-password", gateway.log_text())
+
+    async def test_failoverAndAllDown(self) -> None:
+        """First RADIUS server silent: the second answers within timeout × (retries +
+        1) plus a margin.  Both silent: -ERR [SYS/TEMP], and the gateway goes on."""
+        silent = silent_udp_port(self)
+        gateway = self.gateway(self.mail, [self.group(silent.port, self.radius.auth_port)])
+        started = time.monotonic()
+        self.assertEqual(await self.login(gateway, "alice", "alice-password"), (0, 0), gateway.reasons())
+        self.assertLess(time.monotonic() - started, 0.5 * 2 + 2.0)
+        self.assertGreaterEqual(len(silent.received), 2)
+        other = silent_udp_port(self)
+        down = self.gateway(self.mail, [self.group(silent.port, other.port)])
+        self.assertIn("-ERR [SYS/TEMP]", await self.login(down, "alice", "alice-password"))
+        self.assertEqual(await self.login(gateway, "bob", "bob-password"), (0, 0))

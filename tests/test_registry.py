@@ -15,7 +15,7 @@ class Owner:
     def __init__(self) -> None:
         self.reasons: list[str] = []
 
-    def terminate(self, reason: str) -> None:
+    def terminate(self, reason: str, cause: str = "Admin-Reset") -> None:
         self.reasons.append(reason)
 
 

@@ -65,7 +65,7 @@ async def logout(
     closed: defer.Deferred[None] = defer.Deferred()
     received: bytearray | None = bytearray()
 
-    def lost() -> None:
+    def lost(reason: object = None) -> None:
         if not closed.called:
             closed.callback(None)
 

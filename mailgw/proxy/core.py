@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import typing
 from abc import ABCMeta, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.auth.radius import AccountingSession, RadiusAccounting, TerminateCause
 from mailgw.config import InterfaceConfig, ProxyConfig
 from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
@@ -57,6 +59,8 @@ class ProxyEnvironment:
     node_name: str = "mailgw"
     #: seconds before a failed login is answered [4.3]
     failure_delay: float = 1.0
+    #: RADIUS accounting of the proxy's sessions [5.4], if configured
+    accounting: RadiusAccounting | None = None
 
 
 class ProxyFactory(Factory):
@@ -114,6 +118,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self._pending: defer.Deferred[None] | None = None
         self._upstream: UpstreamProtocol | None = None
         self._idle_timeout = 0.0
+        self._terminate_cause: str = TerminateCause.USER_REQUEST
+        self._accounted: AccountingSession | None = None
 
     # -- connection life --------------------------------------------------------------
 
@@ -180,6 +186,16 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             self._upstream.transport.loseConnection()
         if self.info is not None:
             self.env.registry.close(self.info)
+            if self._accounted is not None and self.env.accounting is not None:
+                # Sent however the session ended, the client vanishing included [5.4].
+                self.env.accounting.stop(
+                    replace(
+                        self._accounted,
+                        bytes_in=self.info.bytes_from_client,
+                        bytes_out=self.info.bytes_to_client,
+                    ),
+                    TerminateCause(self._terminate_cause),
+                )
             self.log.info(
                 "Session {session_id} closed ({bytes_from_client} bytes from client, "
                 "{bytes_to_client} to client)",
@@ -190,12 +206,14 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 bytes_to_client=self.info.bytes_to_client,
             )
 
-    def terminate(self, reason: str) -> None:
+    def terminate(self, reason: str, cause: str = TerminateCause.ADMIN_RESET) -> None:
         """Close this session (both sides) for C{reason}: used by the session limit,
-        simultaneous logins, timeouts and the admin channel."""
+        simultaneous logins, timeouts and the admin channel.  C{cause} goes into the
+        accounting Stop."""
         if self._closing:
             return
         self._closing = True
+        self._terminate_cause = cause
         assert self.info is not None
         self.info.closing = True
         self.log.info(
@@ -450,10 +468,25 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             self._idle_timer = clock.callLater(idle, self._check_idle)
         if max_session_time > 0:
             self._session_timer = clock.callLater(
-                max_session_time, self.terminate, f"max_session_time {max_session_time}s reached"
+                max_session_time,
+                self.terminate,
+                f"max_session_time {max_session_time}s reached",
+                TerminateCause.SESSION_TIMEOUT,
             )
+        if self.env.accounting is not None and self.info.user is not None:
+            self._accounted = AccountingSession(
+                session_id=self.info.session_id,
+                user=self.info.user,
+                client_ip=self.client_ip,
+                started=clock.seconds(),
+            )
+            self.env.accounting.start(self._accounted)
 
-    def _upstream_closed(self) -> None:
+    def _upstream_closed(self, reason: Failure) -> None:
+        # The server closing cleanly is the normal end (after QUIT/LOGOUT); a broken
+        # connection is a lost service.
+        if not self._closing and not reason.check(ConnectionDone):
+            self._terminate_cause = TerminateCause.LOST_SERVICE
         if self.relay is not None:
             self.relay.close()
 
@@ -463,7 +496,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         due = self.info.last_activity + self._idle_timeout
         if now >= due:
             self._idle_timer = None
-            self.terminate(f"idle_timeout {self._idle_timeout:g}s reached")
+            self.terminate(f"idle_timeout {self._idle_timeout:g}s reached", TerminateCause.IDLE_TIMEOUT)
         else:
             self._idle_timer = self.env.clock.callLater(due - now, self._check_idle)
 

@@ -22,6 +22,7 @@ from mailgw.auth.portal import (
     LoginContext,
     VPNIdentity,
 )
+from mailgw.auth.radius import TerminateCause
 from mailgw.config import GroupPolicy, ProxyConfig
 from mailgw.proxy.registry import LoginRefused, SessionInfo, SessionRegistry
 from mailgw.upstream import UpstreamTarget
@@ -220,4 +221,6 @@ class Gatekeeper:
                 limit=policy.simultaneous_logins,
                 policy=policy.name,
             )
-            victim.owner.terminate(f"logged off: simultaneous_logins reached by session {info.session_id}")
+            victim.owner.terminate(
+                f"logged off: simultaneous_logins reached by session {info.session_id}", TerminateCause.PORT_PREEMPTED
+            )

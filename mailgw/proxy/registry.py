@@ -28,8 +28,9 @@ class SessionState(enum.Enum):
 class Terminable(Protocol):
     """What the registry needs of a session to log it off."""
 
-    def terminate(self, reason: str) -> None:
-        """Close the session (both sides), logging C{reason}."""
+    def terminate(self, reason: str, cause: str = "Admin-Reset") -> None:
+        """Close the session (both sides), logging C{reason}; C{cause} is the RADIUS
+        Acct-Terminate-Cause its accounting Stop carries."""
 
 
 @dataclass(eq=False)

@@ -93,7 +93,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         self.result: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self._done = False
         self._sink: Callable[[bytes], None] | None = None
-        self._lost: Callable[[], None] | None = None
+        self._lost: Callable[[Failure], None] | None = None
         self.user = ""
         self.password = ""
 
@@ -107,7 +107,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         self._process()
         return self.result
 
-    def attach(self, sink: Callable[[bytes], None], lost: Callable[[], None]) -> bytes:
+    def attach(self, sink: Callable[[bytes], None], lost: Callable[[Failure], None]) -> bytes:
         """Become a byte pipe into C{sink}; returns bytes that arrived after the
         login answer (to be passed on first).  C{lost} is called when the server
         closes."""
@@ -130,7 +130,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         if not self._done:
             self.fail(UpstreamUnavailable(f"connection closed during login: {_describe(reason)}"))
         elif self._lost is not None:
-            self._lost()
+            self._lost(reason)
 
     # -- for subclasses -------------------------------------------------------------
 
