@@ -283,7 +283,7 @@ class RadiusTests(AAAIntegrationBase):
         self.assertNotIn("alice-password", gateway.log_text())
 
     async def test_failoverAndAllDown(self) -> None:
-        """First RADIUS server silent: the second answers within timeout × (retries +
+        """First RADIUS server silent: the second answers within timeout x (retries +
         1) plus a margin.  Both silent: -ERR [SYS/TEMP], and the gateway goes on."""
         silent = silent_udp_port(self)
         gateway = self.gateway(self.mail, [self.group(silent.port, self.radius.auth_port)])

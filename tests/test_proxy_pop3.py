@@ -534,3 +534,56 @@ class RelayStageTests(SynchronousTestCase):
         upstream.dataReceived(b"+ok 1 10\r\n")
         self.assertEqual(answers(transport), [b"+OK 1 10"])
         self.assertEqual(seen, [b"+ok 1 10\r\n"])
+
+
+class RecordingAccounting:
+    """Stands in for RadiusAccounting: records Start/Stop calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, Any]] = []
+
+    def start(self, session: Any) -> None:
+        self.calls.append(("start", session, None))
+
+    def stop(self, session: Any, cause: Any = None) -> None:
+        self.calls.append(("stop", session, cause))
+
+
+class AccountingTests(SynchronousTestCase):
+    def login(self, **pop3s: Any) -> tuple[POP3Harness, Any, TLSStringTransport, RecordingAccounting]:
+        harness = POP3Harness(make_config(pop3s))
+        accounting = RecordingAccounting()
+        harness.env.accounting = accounting  # type: ignore[assignment]
+        session, transport = harness.connect()
+        session.dataReceived(b"USER alice\r\nPASS alice-pw\r\n")
+        login_upstream(harness)
+        return harness, session, transport, accounting
+
+    def test_stopWhenClientVanishes(self) -> None:
+        """Start at login; the Stop is sent when the client vanishes without QUIT,
+        with the same session id and the byte counts."""
+        _harness, session, _transport, accounting = self.login()
+        session.dataReceived(b"STAT\r\n")
+        session.connectionLost()
+        (kind1, start, _), (kind2, stop, cause) = accounting.calls
+        self.assertEqual((kind1, kind2), ("start", "stop"))
+        self.assertEqual(start.session_id, stop.session_id)
+        self.assertEqual(stop.user, "alice")
+        self.assertEqual(stop.bytes_in, len(b"STAT\r\n"))
+        self.assertEqual(cause, "User-Request")
+
+    def test_idleTimeoutCause(self) -> None:
+        """A session closed by idle_timeout reports Idle-Timeout."""
+        harness, session, _transport, accounting = self.login(idle_timeout=10)
+        harness.clock.advance(10)
+        session.connectionLost()
+        self.assertEqual(accounting.calls[-1][2], "Idle-Timeout")
+
+    def test_noAccountingBeforeLogin(self) -> None:
+        """A session that never logged in sends no accounting."""
+        harness = POP3Harness(make_config())
+        accounting = RecordingAccounting()
+        harness.env.accounting = accounting  # type: ignore[assignment]
+        session, _ = harness.connect()
+        session.connectionLost()
+        self.assertEqual(accounting.calls, [])
