@@ -8,6 +8,7 @@ the AAA portals, the TLS context) belongs to the objects created here.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,27 +19,39 @@ from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mailgw.auth.ldap import LdapChecker
 from mailgw.auth.local import LocalUsersChecker
 from mailgw.auth.pop3 import Pop3Checker
 from mailgw.auth.portal import AuthenticatedUser, GatewayRealm, make_portal
-from mailgw.auth.radius import RadiusAccounting, RadiusChecker, RadiusClient
-from mailgw.config import Config, InterfaceConfig, LdapGroup, LocalGroup, Pop3Group, ProxyConfig, RadiusGroup
+from mailgw.auth.radius import RadiusAccounting, RadiusChecker, RadiusClient, TerminateCause
+from mailgw.config import (
+    Config,
+    ConfigError,
+    InterfaceConfig,
+    LdapGroup,
+    LocalGroup,
+    Pop3Group,
+    ProxyConfig,
+    RadiusGroup,
+    load_config,
+)
 from mailgw.logs import make_observer
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
 from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
-from mailgw.proxy.registry import SessionRegistry
+from mailgw.proxy.registry import SessionRegistry, SessionState
 from mailgw.proxy.smtp import SMTPSession
-from mailgw.tls import ServerTLS, ensure_self_signed
+from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
 from mailgw.upstream import Connector
 
 #: the session class of each proxy section
@@ -72,94 +85,211 @@ class Listener(StreamServerEndpointService):
         super().__init__(endpoint, factory)
         self.setName(name)
         self.description = description
+        #: what identifies the listener across reloads
+        self.key: tuple[object, ...] = (name,)
         # Fail startService (and so the daemon's start) when the port cannot be bound.
         self._raiseSynchronously = True
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentServerTLS:
+    """The implicit-TLS listeners' connection creator: whatever TLS context the
+    environment has now, so a reload that changes the certificate needs no new
+    listener."""
+
+    def __init__(self, env: ProxyEnvironment) -> None:
+        self._env = env
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self._env.server_tls.serverConnectionForTLS(tlsProtocol)
+
+
 class GatewayService(MultiService):
-    """The root of the gateway: listeners, thread pool, shared state."""
+    """The root of the gateway: listeners, thread pool, shared state.
+
+    Everything that a configuration decides (TLS context, AAA server groups, group
+    policies, proxy settings, listeners) is built by L{_apply}, at start and again
+    by L{reload}; the session registry, the thread pool and the clients persist, so
+    established sessions are never dropped by a reload.
+    """
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, *, failure_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        failure_delay: float = 1.0,
+        grace_period: float = 20.0,
+        install_signal_handlers: bool = False,
+    ) -> None:
         super().__init__()
-        self.config = config
         self.reactor = reactor
+        self.failure_delay = failure_delay
+        self.grace_period = grace_period
+        self.install_signal_handlers = install_signal_handlers
         self.registry = SessionRegistry(reactor)
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
         self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="mailgw-aaa")
         ThreadPoolService(self.threadpool).setServiceParent(self)
-
+        self.connector = Connector(reactor)
+        self.radius = RadiusClient(reactor)
+        self.environments: dict[str, ProxyEnvironment] = {}
+        self.checkers: dict[str, Any] = {}
+        self.accounting: dict[str, RadiusAccounting] = {}
         if config.gateway.workers > 1:
             self.log.warn(
                 "gateway.workers = {workers}: this version runs one process; the extra workers are not started",
                 workers=config.gateway.workers,
             )
+        self._apply(config)
+
+    # -- configuration ------------------------------------------------------------------
+
+    def _apply(self, config: Config) -> list[str]:
+        """Make C{config} the running configuration; returns problems met while
+        applying it (listeners that could not start).  Everything that can fail
+        before a change is visible (TLS files, users files) is built first."""
+        reactor = self.reactor
         _ensure_private_folder(config.gateway.state_dir)
         tls = config.tls
         if tls.generate_self_signed:
             ensure_self_signed(tls.certificate, tls.private_key, config.gateway.node_name)
-        self.server_tls = ServerTLS(
+        server_tls = ServerTLS(
             tls.certificate,
             tls.private_key,
             minimum_version=tls.minimum_version,  # type: ignore[arg-type]  # validated by config
             client_certificate=tls.client_certificate,  # type: ignore[arg-type]
             client_ca=tls.client_ca,
         )
-        self.connector = Connector(reactor)
         realm = GatewayRealm(config.group_policy)
-        self.portals: dict[str, Portal] = {}
-        self.checkers: dict[str, Any] = {}
-        self.radius = RadiusClient(reactor)
-        self.accounting: dict[str, RadiusAccounting] = {}
+        portals: dict[str, Portal] = {}
+        checkers: dict[str, Any] = {}
         #: server groups that can look a user up without a password [5.2]
-        self.authorizers: dict[str, Authorizer] = {}
+        authorizers: dict[str, Authorizer] = {}
         for group in config.aaa_server_groups:
             checker: Any
             if isinstance(group, LocalGroup):
                 checker = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
             elif isinstance(group, LdapGroup):
                 checker = LdapChecker(group, reactor, self.threadpool)
-                self.authorizers[group.name] = checker.authorize
+                authorizers[group.name] = checker.authorize
             elif isinstance(group, Pop3Group):
                 checker = Pop3Checker(group, self.connector)
             else:
                 checker = RadiusChecker(group, self.radius, config.gateway.node_name)
-                self.authorizers[group.name] = _radius_authorizer(checker)
-            self.checkers[group.name] = checker
-            self.portals[group.name] = make_portal(checker, realm)
+                authorizers[group.name] = _radius_authorizer(checker)
+            checkers[group.name] = checker
+            portals[group.name] = make_portal(checker, realm)
+        accounting: dict[str, RadiusAccounting] = {}
+        for proxy in config.proxies():
+            name = proxy.accounting_server_group
+            if proxy.enabled and name and name not in accounting:
+                group = config.aaa_group(name)
+                assert isinstance(group, RadiusGroup)  # checked by the configuration
+                accounting[name] = self.accounting.get(name) or RadiusAccounting.for_group(
+                    self.radius, group, config.gateway.node_name
+                )
 
-        self.environments: dict[str, ProxyEnvironment] = {}
+        # Nothing above failed: switch over.
+        old_checkers = self.checkers
+        self.config = config
+        self.server_tls = server_tls
+        self.portals, self.checkers, self.authorizers = portals, checkers, authorizers
+        for name, unused in self.accounting.items():
+            if name not in accounting:
+                unused.close()
+        self.accounting = accounting
+        wanted: dict[tuple[object, ...], tuple[Listener, ProxyEnvironment]] = {}
         for proxy in config.proxies():
             if not proxy.enabled:
                 continue
-            session_class = SESSION_CLASSES[proxy.protocol]
-            accounting = None
-            if proxy.accounting_server_group:
-                accounting = self.accounting.get(proxy.accounting_server_group)
-                if accounting is None:
-                    group = config.aaa_group(proxy.accounting_server_group)
-                    assert isinstance(group, RadiusGroup)  # checked by the configuration
-                    accounting = RadiusAccounting.for_group(self.radius, group, config.gateway.node_name)
-                    self.accounting[proxy.accounting_server_group] = accounting
-            env = ProxyEnvironment(
-                proxy=proxy,
-                clock=reactor,
-                registry=self.registry,
-                gatekeeper=Gatekeeper(
-                    proxy, self.portals, self.registry, config.group_policy, authorizers=self.authorizers
-                ),
-                connector=self.connector,
-                server_tls=self.server_tls,
-                node_name=config.gateway.node_name,
-                failure_delay=failure_delay,
-                accounting=accounting,
-            )
-            self.environments[proxy.protocol] = env
+            env = self.environments.get(proxy.protocol)
+            gatekeeper = Gatekeeper(proxy, portals, self.registry, config.group_policy, authorizers=authorizers)
+            acct = accounting.get(proxy.accounting_server_group) if proxy.accounting_server_group else None
+            if env is None:
+                env = ProxyEnvironment(
+                    proxy=proxy,
+                    clock=reactor,
+                    registry=self.registry,
+                    gatekeeper=gatekeeper,
+                    connector=self.connector,
+                    server_tls=server_tls,
+                    node_name=config.gateway.node_name,
+                    failure_delay=self.failure_delay,
+                    accounting=acct,
+                )
+                self.environments[proxy.protocol] = env
+            else:
+                # Listeners and new sessions see the new settings; established
+                # sessions keep theirs.
+                env.proxy, env.gatekeeper, env.server_tls = proxy, gatekeeper, server_tls
+                env.node_name, env.accounting = config.gateway.node_name, acct
             for interface in config.interfaces:
-                if getattr(interface, proxy.protocol):
-                    for listener in _listeners(reactor, env, session_class, interface):
-                        listener.setServiceParent(self)
+                if interface.enables(proxy.protocol):
+                    for listener in _listeners(reactor, env, SESSION_CLASSES[proxy.protocol], interface):
+                        wanted[listener.key] = (listener, env)
+        problems: list[str] = []
+        current = {listener.key: listener for listener in self.listeners()}
+        for key, listener in current.items():
+            if key not in wanted:
+                self.log.info("No longer listening: {listener}", listener=listener.description)
+                defer.maybeDeferred(listener.disownServiceParent).addErrback(
+                    lambda f: self.log.failure("Stopping a listener failed", f)
+                )
+        for key, (listener, _) in wanted.items():
+            if key in current:
+                continue
+            try:
+                listener.setServiceParent(self)
+            except Exception as e:  # noqa: BLE001 - any listen error becomes a reported problem
+                listener.disownServiceParent()
+                problems.append(f"{listener.description}: cannot listen: {e}")
+                continue
+            if self.running:
+                self.log.info("Listening: {listener}", listener=listener.description)
+        for checker in old_checkers.values():
+            close = getattr(checker, "close", None)
+            if close is not None and checker not in checkers.values():
+                defer.maybeDeferred(close)
+        return problems
+
+    def reload(self, path: str | os.PathLike[str] | None = None) -> list[str]:
+        """Load the configuration again (from C{path} or the running one's file),
+        validate it and apply it; returns the problems, empty when applied.  On
+        any validation problem the running configuration stays as it is."""
+        source = path if path is not None else self.config.path
+        if source is None:
+            return ["the running configuration was not loaded from a file"]
+        try:
+            new = load_config(source)
+        except ConfigError as e:
+            problems = list(e.problems)
+        except OSError as e:
+            problems = [f"{source}: {e.strerror}"]
+        else:
+            try:
+                problems = self._apply(new)
+            except (TLSConfigError, ConfigError, OSError) as e:
+                problems = [str(e)]
+            else:
+                self.log.info(
+                    "Configuration {path} reloaded{detail}",
+                    path=str(source),
+                    detail="" if not problems else f" with {len(problems)} problem(s)",
+                )
+                for problem in problems:
+                    self.log.warn("Reload: {reason}", reason=problem)
+                return problems
+        self.log.warn(
+            "Configuration {path} not reloaded, the running one stays: {reason}",
+            path=str(source),
+            reason="; ".join(problems),
+        )
+        return problems
+
+    # -- life cycle ---------------------------------------------------------------------
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd creates the Application after makeService and asks it for an
@@ -176,10 +306,30 @@ class GatewayService(MultiService):
         super().startService()
         for listener in self.listeners():
             self.log.info("Listening: {listener}", listener=listener.description)
+        if self.install_signal_handlers:
+            signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self.reload)
 
     async def _stop(self) -> None:
-        # Checkers release their pooled connections while the thread pool (a child
-        # service, stopped below) still runs.
+        # 1. Stop accepting.
+        for listener in self.listeners():
+            await defer.maybeDeferred(listener.stopService)
+        # 2. Let logged-in sessions finish, up to the grace period; the others go now.
+        for info in self.registry:
+            if info.state is not SessionState.AUTHENTICATED:
+                info.owner.terminate("gateway stopping", TerminateCause.NAS_REQUEST)
+        deadline = self.reactor.seconds() + self.grace_period
+        while len(self.registry) and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1)
+        for info in self.registry:
+            info.owner.terminate("gateway stopping: grace period over", TerminateCause.NAS_REBOOT)
+        # 3. Give the accounting Stops a moment to be answered.
+        deadline = self.reactor.seconds() + 5
+        while any(a.pending for a in self.accounting.values()) and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.1)
+        # 4. Release the AAA connections while the thread pool still runs.
         for checker in self.checkers.values():
             close = getattr(checker, "close", None)
             if close is not None:
@@ -221,12 +371,14 @@ def _listeners(
             endpoint = TCP4ServerEndpoint(reactor, port, interface=interface.address)
         factory: Factory = ProxyFactory(env, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
-            factory = TLSMemoryBIOFactory(env.server_tls, False, factory)  # type: ignore[assignment]
+            factory = TLSMemoryBIOFactory(_CurrentServerTLS(env), False, factory)  # type: ignore[assignment]
         if interface.proxy_protocol:
             factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
         name = f"{proxy.protocol}/{interface.name}/{port}"
-        result.append(Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})"))
+        listener = Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})")
+        listener.key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol)
+        result.append(listener)
     return result
 
 

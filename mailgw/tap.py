@@ -30,4 +30,4 @@ def makeService(options: Options) -> IService:
 
     from mailgw.service import build
 
-    return build(options["config_object"], reactor)
+    return build(options["config_object"], reactor, install_signal_handlers=True)

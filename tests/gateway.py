@@ -79,7 +79,7 @@ class Gateway:
     def start(self, data: dict[str, Any], *, failure_delay: float = 0.05) -> GatewayService:
         config: Config = load_config(self.write_config(data))
         self.config = config
-        self.service = build(config, reactor, failure_delay=failure_delay)
+        self.service = build(config, reactor, failure_delay=failure_delay, grace_period=2.0)
         globalLogPublisher.addObserver(self.events)
         self.service.startService()
         return self.service

@@ -50,7 +50,9 @@ class PluginTests(SynchronousTestCase):
         self.assertIn("mailgw", names)
 
 
-class TwistdTests(TestCase):
+class TwistdBase(TestCase):
+    """A real Dovecot and a gateway configuration for twistd to run."""
+
     timeout = 120
 
     def setUp(self) -> None:
@@ -99,6 +101,9 @@ class TwistdTests(TestCase):
             await deferLater(0.05)
         self.fail("twistd did not start listening")
 
+
+
+class TwistdTests(TwistdBase):
     async def test_curlThroughTwistd(self) -> None:
         """twistd -n mailgw starts the gateway; curl fetches a message through it;
         SIGTERM stops it cleanly; the JSON log has the stable fields and no password."""

@@ -1,0 +1,132 @@
+"""Configuration reload and graceful stop [3, 8.1, 8.4]: a valid change is applied
+without dropping established sessions; an invalid one is refused with its problems
+and the running configuration stays; stopping stops accepting first and lets
+logged-in sessions finish."""
+
+from __future__ import annotations
+
+import copy
+import poplib
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from tests.gateway import Gateway, deferLater, start_gateway
+from tests.servers.base import free_port, port_accepts
+from tests.servers.dovecot import Dovecot
+from tests.servers.pki import TestPKI
+from tests.test_daemon import TwistdBase
+from tests.test_integration_pop3 import POLICIES, VPN_USERS, in_thread
+
+
+def probe(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+class ReloadTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.dovecot = Dovecot.started(self, users={"alice": "alice-mail"})
+        self.dovecot.seed_standard("alice")
+        self.pki = TestPKI(Path(self.mktemp()).absolute())
+        self.pop3s = {"default_server": {"host": "127.0.0.1", "port": self.dovecot.pop3_port, "tls": "none"}}
+        self.gateway: Gateway = start_gateway(self, self.pki, VPN_USERS, self.pop3s, group_policy=POLICIES)
+        assert self.gateway.service is not None
+        self.service = self.gateway.service
+        self.data = self.gateway.config_data(self.pop3s, group_policy=POLICIES)
+        # keep the running ports
+        self.data["pop3s"]["port"] = self.gateway.port()
+        self.data["pop3s"]["starttls_port"] = self.gateway.port(implicit=False)
+
+    def logged_in(self) -> poplib.POP3_SSL:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_path))
+        client = poplib.POP3_SSL("127.0.0.1", self.gateway.port(), context=ctx, timeout=30)
+        client.user("alice")
+        client.pass_("alice-mail")
+        return client
+
+    async def test_validChangeApplied(self) -> None:
+        """A new listener appears, a removed one goes, a policy change applies to new
+        logins, and an established relay keeps working throughout."""
+        client = await in_thread(self.logged_in)
+        data = copy.deepcopy(self.data)
+        imap_port = free_port()
+        data["imap4s"] = {
+            "enabled": True,
+            "port": imap_port,
+            "starttls_port": 0,
+            "default_server": {"host": "127.0.0.1", "port": self.dovecot.imap_port, "tls": "none"},
+        }
+        data["pop3s"]["tls_support"] = "required"  # the STARTTLS port goes away
+        self.gateway.write_config(data)
+        self.assertEqual(self.service.reload(), [])
+        self.assertTrue(await in_thread(probe, imap_port))
+        self.assertFalse(await in_thread(probe, self.data["pop3s"]["starttls_port"]))
+        stat = await in_thread(client.stat)
+        self.assertGreater(stat[0], 0)
+        self.assertEqual(self.service.config.imap4s.port, imap_port)
+        other = await in_thread(self.logged_in)
+        await in_thread(other.quit)
+        await in_thread(client.quit)
+
+    async def test_invalidChangeRefused(self) -> None:
+        """An invalid configuration is refused with its key paths; the running one
+        (listeners included) stays."""
+        before = self.service.config
+        listeners = {listener.key for listener in self.service.listeners()}
+        data = copy.deepcopy(self.data)
+        data["pop3s"]["default_server"]["port"] = 99999
+        data["imap4s"] = {"enabled": True, "port": free_port()}
+        self.gateway.write_config(data)
+        problems = self.service.reload()
+        self.assertTrue(any(p.startswith("pop3s.default_server.port:") for p in problems), problems)
+        self.assertIs(self.service.config, before)
+        self.assertEqual({listener.key for listener in self.service.listeners()}, listeners)
+        self.assertTrue(await in_thread(probe, self.gateway.port()))
+        self.assertTrue(any("not reloaded" in str(e.get("log_format")) for e in self.gateway.events))
+
+    async def test_gracefulStop(self) -> None:
+        """Stopping closes the listeners at once, lets a logged-in session finish
+        (its client can still QUIT), then completes."""
+        client = await in_thread(self.logged_in)
+        stopping = self.service.stopService()
+        await deferLater(0.05)
+        self.assertFalse(await in_thread(probe, self.gateway.port()))
+        self.assertFalse(stopping.called)
+        self.assertGreater((await in_thread(client.stat))[0], 0)
+        await in_thread(client.quit)
+        await stopping
+        self.assertEqual(len(self.service.registry), 0)
+
+
+class SighupTests(TwistdBase):
+    """SIGHUP to twistd reloads the configuration."""
+
+    async def test_sighupReloads(self) -> None:
+        """After SIGHUP, a listener added to the configuration file accepts."""
+        data = self.config()
+        collector, process = await self.run_twistd(data)
+        await self.wait_listening(data["pop3s"]["port"], collector)
+        imap_port = free_port()
+        data["imap4s"] = {
+            "enabled": True,
+            "port": imap_port,
+            "starttls_port": 0,
+            "default_server": {"host": "127.0.0.1", "port": self.dovecot.imap_port, "tls": "none"},
+        }
+        self.gateway.write_config(data)
+        process.signalProcess("HUP")
+        await self.wait_listening(imap_port, collector)
+        self.assertTrue(port_accepts("127.0.0.1", data["pop3s"]["port"]))
+        process.signalProcess("TERM")
+        code = await collector.ended
+        self.assertIn(code, (0, -signal.SIGTERM))
+        self.assertIn("reloaded", collector.out.decode())
