@@ -28,6 +28,7 @@ from tests.servers.base import (
     port_listening,
     require_binary,
     require_file,
+    set_environ,
     test_directory,
 )
 from tests.servers.dovecot import (
@@ -38,23 +39,6 @@ from tests.servers.dovecot import (
     wire_form,
 )
 from tests.servers.pki import UPN_OID, TestPKI
-
-
-def set_environ(testcase: SynchronousTestCase, name: str, value: str | None) -> None:
-    """Set (or with ``None`` remove) an environment variable for one test."""
-    old = os.environ.get(name)
-
-    def restore() -> None:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-    testcase.addCleanup(restore)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def pop3_messages(client: poplib.POP3, count: int) -> list[bytes]:

@@ -25,7 +25,7 @@ from ldap3.utils.conv import escape_filter_chars
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.servers import base
-from tests.servers.base import MissingBinaryError, group_members, port_listening, test_directory
+from tests.servers.base import MissingBinaryError, group_members, port_listening, set_environ, test_directory
 from tests.servers.freeradius import (
     CHALLENGE_PROMPT,
     FreeRadius,
@@ -38,23 +38,6 @@ from tests.servers.freeradius import (
 )
 from tests.servers.pki import TestPKI
 from tests.servers.slapd import Slapd, ssha
-
-
-def set_environ(testcase: SynchronousTestCase, name: str, value: str | None) -> None:
-    """Set (or with ``None`` remove) an environment variable for one test."""
-    old = os.environ.get(name)
-
-    def restore() -> None:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-    testcase.addCleanup(restore)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def hide_binaries(testcase: SynchronousTestCase) -> None:

@@ -190,6 +190,23 @@ def _missing(what: str, debian_package: str) -> Exception:
     return SkipTest(message)
 
 
+def set_environ(testcase: SynchronousTestCase, name: str, value: str | None) -> None:
+    """Set (or with ``None`` remove) an environment variable for one test."""
+    old = os.environ.get(name)
+
+    def restore() -> None:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+    testcase.addCleanup(restore)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def require_binary(name: str, debian_package: str) -> str:
     """The absolute path of executable ``name``, searched in ``$PATH`` and the sbin folders.
 
