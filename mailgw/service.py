@@ -27,6 +27,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailgw.admin.channel import admin_service
+from mailgw.admin.responder import GatewayAdminBackend
 from mailgw.auth.ldap import LdapChecker
 from mailgw.auth.local import LocalUsersChecker
 from mailgw.auth.pop3 import Pop3Checker
@@ -144,6 +146,13 @@ class GatewayService(MultiService):
                 workers=config.gateway.workers,
             )
         self._apply(config)
+        self.admin_backend = GatewayAdminBackend(
+            self, started=reactor.seconds(), clock=reactor, reload=self._reload_deferred
+        )
+        admin_service(config.admin, self.admin_backend, reactor).setServiceParent(self)
+
+    def _reload_deferred(self) -> defer.Deferred[list[str]]:
+        return defer.succeed(self.reload())
 
     # -- configuration ------------------------------------------------------------------
 

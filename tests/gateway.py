@@ -6,6 +6,8 @@ reactor the gateway runs in)."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ class Gateway:
         self.cert_path, self.key_path = pki.server_cert(["localhost", "127.0.0.1"], file_name="gateway")
         self.ca_path = pki.ca_path
         self.service: GatewayService | None = None
+        # UNIX socket paths are limited to 107 bytes: trial's folders are too deep.
+        self.socket_dir = tempfile.mkdtemp(prefix="mgw-", dir="/tmp")
         self.events = EventLoggingObserver()
 
     def write_users(self) -> Path:
@@ -60,7 +64,7 @@ class Gateway:
             "interface": [{"name": "loopback", "address": "127.0.0.1"}],
             "aaa_server_group": [{"name": "LOCAL", "protocol": "local", "users_file": "users.toml"}],
             "poller": {"enabled": False},
-            "admin": {"socket": "admin.sock"},
+            "admin": {"socket": f"{self.socket_dir}/admin.sock"},
         }
         for i, (name, options) in enumerate(proxies.items()):
             if options is None:
@@ -124,6 +128,7 @@ def start_gateway(
     directory = Path(testcase.mktemp()).absolute()
     directory.mkdir(parents=True)
     gateway = Gateway(directory, pki, users)
+    testcase.addCleanup(shutil.rmtree, gateway.socket_dir, True)
     gateway.start(gateway.config_data(pop3s, **sections))
     testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(gateway.stop()))
     return gateway

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ class TwistdBase(TestCase):
         directory.mkdir(parents=True)
         self.pki = TestPKI(directory / "pki")
         self.gateway = Gateway(directory, self.pki, {"alice": ("alice-mail", None)})
+        self.addCleanup(shutil.rmtree, self.gateway.socket_dir, True)
 
     def config(self, **gateway: Any) -> dict[str, Any]:
         data = self.gateway.config_data(

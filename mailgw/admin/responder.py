@@ -1,0 +1,462 @@
+"""The daemon's side of the admin channel: AMP commands answered from a backend.
+
+:class:`AdminResponder` only translates: it turns each command of
+:mod:`mailgw.admin.commands` into a call on an :class:`IAdminBackend` and the result
+into the command's answer, with every secret-named key scrubbed.  The backend is where
+the decisions live; :class:`GatewayAdminBackend` answers from the running
+:class:`~mailgw.service.GatewayService` (session registry, portals, configuration),
+with the reload and the remote-POP poller passed in by whoever wires the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import Interface, implementer
+
+import mailgw
+from mailgw.admin.commands import (
+    AaaTest,
+    AccountsAdd,
+    AccountsCheckNow,
+    AccountsDelete,
+    AccountsEdit,
+    AccountsList,
+    InvalidAccount,
+    Kill,
+    NoSuchAccount,
+    NoSuchGroup,
+    NoSuchSession,
+    NotAvailable,
+    Reload,
+    ReloadFailed,
+    Sessions,
+    Status,
+    scrub,
+)
+from mailgw.auth.portal import AAAUnavailable, AuthenticatedUser, IVPNIdentity, LoginContext, VPNIdentity
+from mailgw.config import DEFAULT_GROUP_POLICY, AAAServerGroup, LdapGroup, LocalGroup, Pop3Group, RadiusGroup
+from mailgw.proxy.registry import SessionInfo, SessionState
+
+if TYPE_CHECKING:
+    from mailgw.service import GatewayService
+
+__all__ = ["AdminResponder", "GatewayAdminBackend", "IAdminBackend", "PollerAdmin", "session_protocol"]
+
+JSONObject = dict[str, Any]
+
+#: proxy section → the protocol name its sessions carry in the registry
+_SESSION_PROTOCOLS: Mapping[str, str] = {"pop3s": "pop3", "imap4s": "imap4", "smtps": "smtp"}
+
+
+def session_protocol(name: str) -> str:
+    """The registry's protocol name for C{name}, which may be a proxy section name
+    (``pop3s``) or already a session protocol (``pop3``)."""
+    return _SESSION_PROTOCOLS.get(name.lower(), name.lower())
+
+
+class IAdminBackend(Interface):
+    """What the admin channel needs of the daemon.  Methods raise the errors of
+    :mod:`mailgw.admin.commands`; those returning a Deferred may fail with them.
+    (N805: zope.interface declarations have no self.)"""
+
+    def status() -> JSONObject:
+        """Version, uptime, listeners, sessions by protocol and state, AAA groups,
+        poller and SSO summary."""
+
+    def sessions(protocol: str | None) -> list[JSONObject]:  # noqa: N805
+        """The live sessions, oldest first, of one protocol or all."""
+
+    def kill(session_id: str) -> JSONObject:  # noqa: N805
+        """Close a session; return it as it was.  Raises L{NoSuchSession}."""
+
+    def reload() -> defer.Deferred[list[str]]:
+        """Reload the configuration; fires with the problems (empty when applied).
+        Raises L{NotAvailable} when reloading is not wired."""
+
+    def aaa_test(group: str, user: str, password: str) -> defer.Deferred[JSONObject]:  # noqa: N805
+        """Log C{user} in through C{group}; fires with the verdict.  Raises
+        L{NoSuchGroup}."""
+
+    def accounts_list(domain: str | None) -> defer.Deferred[list[JSONObject]]:  # noqa: N805
+        """The remote POP accounts (of one local domain)."""
+
+    def accounts_add(fields: JSONObject) -> defer.Deferred[JSONObject]:  # noqa: N805
+        """Create an account; fires with it."""
+
+    def accounts_edit(account_id: str, fields: JSONObject) -> defer.Deferred[JSONObject]:  # noqa: N805
+        """Change an account; fires with it."""
+
+    def accounts_delete(account_id: str) -> defer.Deferred[None]:  # noqa: N805
+        """Delete an account."""
+
+    def accounts_check_now(account_id: str) -> defer.Deferred[JSONObject]:  # noqa: N805
+        """Poll an account now; fires with what happened."""
+
+
+class AdminResponder(amp.CommandLocator):
+    """Answers the admin commands from C{backend}; one per connection."""
+
+    log = Logger()
+
+    def __init__(self, backend: IAdminBackend) -> None:
+        self.backend = backend
+
+    @Status.responder
+    def status(self) -> JSONObject:
+        return {"status": scrub(self.backend.status())}
+
+    @Sessions.responder
+    def sessions(self, protocol: str | None = None) -> JSONObject:
+        return {"sessions": scrub(self.backend.sessions(protocol or None))}
+
+    @Kill.responder
+    def kill(self, session_id: str) -> JSONObject:
+        session = self.backend.kill(session_id)
+        self.log.info("Session {session_id} killed from the admin channel", session_id=session_id)
+        return {"session": scrub(session)}
+
+    @Reload.responder
+    def reload(self) -> defer.Deferred[JSONObject]:
+        async def run() -> JSONObject:
+            problems = await self.backend.reload()
+            if problems:
+                raise ReloadFailed(problems)
+            return {}
+
+        return defer.Deferred.fromCoroutine(run())
+
+    @AaaTest.responder
+    def aaa_test(self, group: str, user: str, password: str) -> defer.Deferred[JSONObject]:
+        d = self.backend.aaa_test(group, user, password)
+        return d.addCallback(lambda result: {"result": scrub(result)})
+
+    @AccountsList.responder
+    def accounts_list(self, domain: str | None = None) -> defer.Deferred[JSONObject]:
+        d = self.backend.accounts_list(domain or None)
+        return d.addCallback(lambda accounts: {"accounts": scrub(accounts)})
+
+    @AccountsAdd.responder
+    def accounts_add(self, fields: JSONObject) -> defer.Deferred[JSONObject]:
+        d = self.backend.accounts_add(fields)
+        return d.addCallback(lambda account: {"account": scrub(account)})
+
+    @AccountsEdit.responder
+    def accounts_edit(self, id: str, fields: JSONObject) -> defer.Deferred[JSONObject]:
+        d = self.backend.accounts_edit(id, fields)
+        return d.addCallback(lambda account: {"account": scrub(account)})
+
+    @AccountsDelete.responder
+    def accounts_delete(self, id: str) -> defer.Deferred[JSONObject]:
+        return self.backend.accounts_delete(id).addCallback(lambda _: {})
+
+    @AccountsCheckNow.responder
+    def accounts_check_now(self, id: str) -> defer.Deferred[JSONObject]:
+        d = self.backend.accounts_check_now(id)
+        return d.addCallback(lambda result: {"result": scrub(result)})
+
+
+def admin_protocol(backend: IAdminBackend) -> amp.AMP:
+    """An AMP connection of the admin channel answering from C{backend}."""
+    return amp.AMP(locator=AdminResponder(backend))
+
+
+# --- The backend over the running gateway --------------------------------------------
+
+
+class PollerAdmin(Protocol):
+    """What the admin channel needs of the remote POP poller [6] (the shape of
+    L{mailgw.poller.accounts.Accounts}).  Results may be plain values, Deferreds or
+    coroutines.  An unknown id raises a C{KeyError} (C{AccountNotFound}), refused
+    fields a C{ValueError} whose C{problems} lists them (C{AccountInvalid}).  Ids
+    arrive as the strings the administrator typed.  Accounts may hold a password
+    field: the channel drops it.  An optional C{summary()} method gives the status
+    line's details."""
+
+    def list(self, domain: str | None = None) -> Any: ...
+
+    def add(self, fields: Mapping[str, Any]) -> Any: ...
+
+    def edit(self, account_id: str, fields: Mapping[str, Any]) -> Any: ...
+
+    def delete(self, account_id: str) -> Any: ...
+
+    def check_now(self, account_id: str) -> Any: ...
+
+
+@implementer(IRealm)
+class _RecordingRealm:
+    """Wraps a realm and keeps the avatar id it was given (the checker's
+    L{AuthenticatedUser}, whose attributes ``aaa test`` shows)."""
+
+    def __init__(self, realm: IRealm) -> None:
+        self.realm = realm
+        self.avatar_id: object = None
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        self.avatar_id = avatarId
+        return self.realm.requestAvatar(avatarId, mind, *interfaces)
+
+
+@implementer(IAdminBackend)
+class GatewayAdminBackend:
+    """The admin channel's view of a running L{GatewayService}.
+
+    @param started: the clock reading when the daemon started (for the uptime).
+    @param reload: reloads the configuration; fires with its problems (empty when
+        applied).  C{None}: C{reload} answers L{NotAvailable}.
+    @param poller: the remote POP poller; C{None}: the C{accounts} commands answer
+        L{NotAvailable}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gateway: GatewayService,
+        *,
+        started: float,
+        clock: IReactorTime,
+        reload: Callable[[], defer.Deferred[list[str]]] | None = None,
+        poller: PollerAdmin | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.started = started
+        self.clock = clock
+        self._reload = reload
+        self.poller = poller
+        #: AAA group name → the result of its last ``aaa test`` (a cheap health signal)
+        self._last_tests: dict[str, JSONObject] = {}
+
+    # -- status and sessions ----------------------------------------------------------
+
+    def status(self) -> JSONObject:
+        config = self.gateway.config
+        now = self.clock.seconds()
+        return {
+            "version": mailgw.__version__,
+            "node_name": config.gateway.node_name,
+            "pid": os.getpid(),
+            "configuration": str(config.path) if config.path is not None else None,
+            "started": self.started,
+            "uptime": max(0.0, now - self.started),
+            "listeners": [
+                {"name": listener.name, "description": listener.description, "running": bool(listener.running)}
+                for listener in self.gateway.listeners()
+            ],
+            "sessions": self._session_counts(),
+            "aaa_groups": [self._group_status(group) for group in config.aaa_server_groups],
+            "poller": self._poller_status(),
+            "sso": self._sso_status(),
+            "reload": "available" if self._reload is not None else "not available",
+        }
+
+    def _session_counts(self) -> JSONObject:
+        states = [state.value for state in SessionState]
+        by_protocol: dict[str, dict[str, int]] = {
+            _SESSION_PROTOCOLS[proxy.protocol]: dict.fromkeys(states, 0)
+            for proxy in self.gateway.config.proxies()
+            if proxy.enabled
+        }
+        total = 0
+        for info in self.gateway.registry:
+            counts = by_protocol.setdefault(info.protocol, dict.fromkeys(states, 0))
+            counts[info.state.value] += 1
+            total += 1
+        return {"total": total, "by_protocol": by_protocol}
+
+    def _group_status(self, group: AAAServerGroup) -> JSONObject:
+        last = self._last_tests.get(group.name)
+        health = "unknown"
+        if last is not None:
+            health = "unavailable" if last["result"] == "unavailable" else "reachable"
+        return {
+            "name": group.name,
+            "protocol": group.protocol,
+            "servers": _group_servers(group),
+            "health": health,
+            "last_test": last,
+        }
+
+    def _poller_status(self) -> JSONObject:
+        enabled = self.gateway.config.poller.enabled
+        if self.poller is None:
+            return {"enabled": enabled, "running": False, "state": "not configured"}
+        summary = getattr(self.poller, "summary", None)
+        details = dict(summary()) if callable(summary) else {}
+        return {"enabled": enabled, "running": True, "state": "running", **details}
+
+    def _sso_status(self) -> JSONObject:
+        sso = self.gateway.config.sso_pop3
+        return {"enabled": sso.enabled, "mode": sso.mode, "running": False, "state": "not configured"}
+
+    def sessions(self, protocol: str | None) -> list[JSONObject]:
+        wanted = session_protocol(protocol) if protocol else None
+        now = self.clock.seconds()
+        return [self._session(info, now) for info in self.gateway.registry.sessions(wanted)]
+
+    @staticmethod
+    def _session(info: SessionInfo, now: float) -> JSONObject:
+        return {**info.as_dict(), "age": max(0.0, now - info.started), "idle": max(0.0, now - info.last_activity)}
+
+    def kill(self, session_id: str) -> JSONObject:
+        info = self.gateway.registry.get(session_id)
+        if info is None:
+            raise NoSuchSession(f"no session {session_id!r}")
+        answer = self._session(info, self.clock.seconds())
+        info.owner.terminate("killed by the administrator")
+        return answer
+
+    def reload(self) -> defer.Deferred[list[str]]:
+        if self._reload is None:
+            raise NotAvailable("reload is not available in this daemon")
+        return self._reload()
+
+    # -- aaa test ---------------------------------------------------------------------
+
+    def aaa_test(self, group: str, user: str, password: str) -> defer.Deferred[JSONObject]:
+        portal = self.gateway.portals.get(group)
+        if portal is None:
+            raise NoSuchGroup(f"no AAA server group {group!r}")
+        return defer.Deferred.fromCoroutine(self._aaa_test(portal, group, user, password))
+
+    def _default_policy(self, group: str) -> tuple[str, str]:
+        """The default group policy a login through C{group} gets: that of the first
+        enabled proxy authenticating against it, else the built-in one."""
+        for proxy in self.gateway.config.proxies():
+            if proxy.enabled and proxy.authentication_server_group == group:
+                return proxy.default_group_policy, proxy.protocol
+        return DEFAULT_GROUP_POLICY, "built-in"
+
+    async def _aaa_test(self, portal: Portal, group: str, user: str, password: str) -> JSONObject:
+        # The group's own checkers and realm, behind a realm that keeps the avatar id.
+        realm = _RecordingRealm(portal.realm)
+        test_portal = Portal(realm, list(portal.checkers.values()))
+        default_policy, source = self._default_policy(group)
+        context = LoginContext(protocol="admin", client_ip="admin-channel", default_group_policy=default_policy)
+        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        result: JSONObject = {
+            "group": group,
+            "user": user,
+            "default_group_policy": default_policy,
+            "default_group_policy_from": source,
+        }
+        start = self.clock.seconds()
+        try:
+            _, avatar, logout = await test_portal.login(credentials, context, IVPNIdentity)
+        except UnauthorizedLogin as e:  # NoGroupPolicy included: its reason says so
+            result.update(result="rejected", reason=_masked(str(e), password))
+        except AAAUnavailable as e:
+            result.update(result="unavailable", reason=_masked(str(e), password))
+        else:
+            logout()
+            identity = avatar
+            assert isinstance(identity, VPNIdentity)
+            policy = identity.policy
+            result.update(
+                result="accepted",
+                authenticated_user=identity.user,
+                group_policy={
+                    "name": policy.name,
+                    "simultaneous_logins": policy.simultaneous_logins,
+                    "idle_timeout": policy.idle_timeout,
+                    "max_session_time": policy.max_session_time,
+                },
+            )
+        if isinstance(realm.avatar_id, AuthenticatedUser):
+            avatar = realm.avatar_id
+            result["attributes"] = {
+                "server_group": avatar.server_group,
+                "radius_class": avatar.radius_class,
+                "ldap_policies": list(avatar.ldap_policies),
+                "local_policy": avatar.local_policy,
+            }
+        result["latency_ms"] = round((self.clock.seconds() - start) * 1000, 1)
+        self._last_tests[group] = {"result": result["result"], "at": self.clock.seconds()}
+        self.log.info("AAA test of {user} through {group}: {result}", user=user, group=group, result=result["result"])
+        return result
+
+    # -- remote POP accounts ----------------------------------------------------------
+
+    def _poller_call(self, method: str, *args: Any) -> defer.Deferred[Any]:
+        poller = self.poller
+        if poller is None:
+            return defer.fail(NotAvailable("the remote POP poller is not running in this daemon"))
+
+        async def call() -> Any:
+            try:
+                value = getattr(poller, method)(*args)
+                if inspect.isawaitable(value):
+                    value = await value
+            except KeyError as e:
+                raise NoSuchAccount(str(e) if type(e) is not KeyError else f"no remote POP account {args[0]}") from None
+            except ValueError as e:
+                raise InvalidAccount(getattr(e, "problems", None) or [str(e)]) from None
+            return value
+
+        return defer.Deferred.fromCoroutine(call())
+
+    def accounts_list(self, domain: str | None) -> defer.Deferred[list[JSONObject]]:
+        return self._poller_call("list", domain).addCallback(lambda accounts: [_plain(a) for a in accounts])
+
+    def accounts_add(self, fields: JSONObject) -> defer.Deferred[JSONObject]:
+        return self._poller_call("add", fields).addCallback(_plain)
+
+    def accounts_edit(self, account_id: str, fields: JSONObject) -> defer.Deferred[JSONObject]:
+        return self._poller_call("edit", account_id, fields).addCallback(_plain)
+
+    def accounts_delete(self, account_id: str) -> defer.Deferred[None]:
+        return self._poller_call("delete", account_id).addCallback(lambda _: None)
+
+    def accounts_check_now(self, account_id: str) -> defer.Deferred[JSONObject]:
+        return self._poller_call("check_now", account_id).addCallback(_plain)
+
+
+def _plain(value: object) -> JSONObject:
+    """A poller result as a JSON-ready mapping: a mapping, an object with
+    C{as_dict()}, or a dataclass."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    as_dict = getattr(value, "as_dict", None)
+    if callable(as_dict):
+        return dict(as_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return {"result": str(value)}
+
+
+def _masked(text: str, password: str) -> str:
+    """C{text} with C{password} masked (a checker's reason should never hold it;
+    this makes sure)."""
+    return text.replace(password, "********") if password else text
+
+
+def _group_servers(group: AAAServerGroup) -> list[str]:
+    """The servers of a group, for display: addresses only, never credentials."""
+    if isinstance(group, LocalGroup):
+        return [str(group.users_file)]
+    if isinstance(group, LdapGroup):
+        servers = []
+        for url in group.servers:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"
+            servers.append(f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else ""))
+        return servers
+    if isinstance(group, RadiusGroup):
+        return [f"{s.host}:{s.auth_port}" for s in group.servers]
+    assert isinstance(group, Pop3Group)
+    return [f"{s.host}:{s.port} ({s.tls})" for s in group.servers]
