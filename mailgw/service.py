@@ -46,6 +46,8 @@ from mailgw.config import (
     load_config,
 )
 from mailgw.logs import make_observer
+from mailgw.manhole import manhole_service
+from mailgw.metrics import Metrics, metrics_service
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
 from mailgw.proxy.imap4 import IMAP4Session
@@ -53,6 +55,7 @@ from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry, SessionState
 from mailgw.proxy.smtp import SMTPSession
+from mailgw.systemd import SystemdNotifier
 from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
 from mailgw.upstream import Connector
 
@@ -132,6 +135,8 @@ class GatewayService(MultiService):
         self.grace_period = grace_period
         self.install_signal_handlers = install_signal_handlers
         self.registry = SessionRegistry(reactor)
+        self.metrics = Metrics(self.registry)
+        self.notifier = SystemdNotifier()
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
         self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="mailgw-aaa")
         ThreadPoolService(self.threadpool).setServiceParent(self)
@@ -150,7 +155,28 @@ class GatewayService(MultiService):
             self, started=reactor.seconds(), clock=reactor, reload=self._reload_deferred
         )
         admin_service(config.admin, self.admin_backend, reactor).setServiceParent(self)
-
+        admin = config.admin
+        if admin.metrics:
+            metrics_service(admin.metrics, self.metrics, reactor).setServiceParent(self)
+        #: what the Manhole's sessions see (the running configuration is updated on reload)
+        self.manhole_namespace: dict[str, Any] = {
+            "gateway": self,
+            "registry": self.registry,
+            "config": config,
+            "metrics": self.metrics,
+            "reactor": reactor,
+        }
+        if admin.manhole:
+            assert admin.manhole_authorized_keys is not None  # checked by the configuration
+            manhole_service(
+                admin.manhole,
+                admin.manhole_authorized_keys,
+                self.manhole_namespace,
+                reactor,
+                host_key=config.gateway.state_dir / "manhole_host_key",
+            ).setServiceParent(self)
+        # Last child: READY=1 goes out only once every listener is bound.
+        self.notifier.setServiceParent(self)
     def _reload_deferred(self) -> defer.Deferred[list[str]]:
         return defer.succeed(self.reload())
 
@@ -183,14 +209,16 @@ class GatewayService(MultiService):
                 checker = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
             elif isinstance(group, LdapGroup):
                 checker = LdapChecker(group, reactor, self.threadpool)
-                authorizers[group.name] = checker.authorize
+                authorizers[group.name] = self.metrics.timed_authorizer(checker.authorize, group.name, reactor)
             elif isinstance(group, Pop3Group):
                 checker = Pop3Checker(group, self.connector)
             else:
                 checker = RadiusChecker(group, self.radius, config.gateway.node_name)
-                authorizers[group.name] = _radius_authorizer(checker)
+                authorizers[group.name] = self.metrics.timed_authorizer(
+                    _radius_authorizer(checker), group.name, reactor
+                )
             checkers[group.name] = checker
-            portals[group.name] = make_portal(checker, realm)
+            portals[group.name] = make_portal(self.metrics.timed_checker(checker, group.name, reactor), realm)
         accounting: dict[str, RadiusAccounting] = {}
         for proxy in config.proxies():
             name = proxy.accounting_server_group
@@ -228,6 +256,7 @@ class GatewayService(MultiService):
                     node_name=config.gateway.node_name,
                     failure_delay=self.failure_delay,
                     accounting=acct,
+                    metrics=self.metrics,
                 )
                 self.environments[proxy.protocol] = env
             else:
@@ -268,6 +297,17 @@ class GatewayService(MultiService):
         """Load the configuration again (from C{path} or the running one's file),
         validate it and apply it; returns the problems, empty when applied.  On
         any validation problem the running configuration stays as it is."""
+        self.notifier.reloading()
+        try:
+            problems = self._reload(path)
+        finally:
+            self.notifier.ready()
+        if problems:
+            self.notifier.status(f"last reload: {len(problems)} problem(s)")
+        self.manhole_namespace["config"] = self.config
+        return problems
+
+    def _reload(self, path: str | os.PathLike[str] | None) -> list[str]:
         source = path if path is not None else self.config.path
         if source is None:
             return ["the running configuration was not loaded from a file"]
@@ -312,16 +352,19 @@ class GatewayService(MultiService):
         return [s for s in self if isinstance(s, Listener)]
 
     def startService(self) -> None:
+        # Before the children start: the notifier's READY=1 tells systemd that a
+        # reload (SIGHUP) may come, and SIGHUP's default action would kill us.
+        if self.install_signal_handlers:
+            signal.signal(signal.SIGHUP, self._sighup)
         super().startService()
         for listener in self.listeners():
             self.log.info("Listening: {listener}", listener=listener.description)
-        if self.install_signal_handlers:
-            signal.signal(signal.SIGHUP, self._sighup)
 
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)
 
     async def _stop(self) -> None:
+        self.notifier.stopping()
         # 1. Stop accepting.
         for listener in self.listeners():
             await defer.maybeDeferred(listener.stopService)

@@ -71,7 +71,11 @@ class Gateway:
                 data[name] = {"enabled": False}
             else:
                 data[name] = {"port": ports[2 * i], "starttls_port": ports[2 * i + 1], **options}
-        data.update(sections)
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
         return data
 
     def write_config(self, data: dict[str, Any]) -> Path:

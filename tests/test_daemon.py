@@ -72,10 +72,10 @@ class TwistdBase(TestCase):
         data["gateway"].update(gateway)
         return data
 
-    async def run_twistd(self, data: dict[str, Any]) -> tuple[Collector, Any]:
+    async def run_twistd(self, data: dict[str, Any], **environ: str) -> tuple[Collector, Any]:
         path = self.gateway.write_config(data)
         collector = Collector()
-        env = dict(os.environ)
+        env = dict(os.environ, **environ)
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             collector,
             TWISTD,

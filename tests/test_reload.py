@@ -6,10 +6,14 @@ logged-in sessions finish."""
 from __future__ import annotations
 
 import copy
+import os
 import poplib
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
+import urllib.request
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -130,3 +134,74 @@ class SighupTests(TwistdBase):
         code = await collector.ended
         self.assertIn(code, (0, -signal.SIGTERM))
         self.assertIn("reloaded", collector.out.decode())
+
+
+class NotifyTests(TwistdBase):
+    """Under systemd (Type=notify): READY=1 once listening, RELOADING=1/READY=1
+    around a SIGHUP reload, STOPPING=1 on SIGTERM."""
+
+    async def test_notifications(self) -> None:
+        """The daemon's sd_notify messages arrive on NOTIFY_SOCKET in order."""
+        folder = tempfile.mkdtemp(prefix="mgw-n-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(20)
+        self.addCleanup(sock.close)
+        data = self.config()
+        collector, process = await self.run_twistd(data, NOTIFY_SOCKET=path)
+        first = await in_thread(sock.recv, 4096)
+        self.assertIn(b"READY=1", first)
+        self.assertTrue(port_accepts("127.0.0.1", data["pop3s"]["port"]))
+        process.signalProcess("HUP")
+        reloading = await in_thread(sock.recv, 4096)
+        self.assertIn(b"RELOADING=1", reloading)
+        self.assertIn(b"MONOTONIC_USEC=", reloading)
+        self.assertIn(b"READY=1", await in_thread(sock.recv, 4096))
+        process.signalProcess("TERM")
+        messages = [await in_thread(sock.recv, 4096)]
+        while b"STOPPING=1" not in messages[-1]:
+            messages.append(await in_thread(sock.recv, 4096))
+        await collector.ended
+
+
+class MetricsEndpointTests(TestCase):
+    timeout = 60
+
+    async def test_loginsCounted(self) -> None:
+        """The metrics endpoint reflects a login success and a failure."""
+        dovecot = Dovecot.started(self, users={"alice": "alice-mail"})
+        pki = TestPKI(Path(self.mktemp()).absolute())
+        port = free_port()
+        gateway = start_gateway(
+            self,
+            pki,
+            VPN_USERS,
+            {"default_server": {"host": "127.0.0.1", "port": dovecot.pop3_port, "tls": "none"}},
+            group_policy=POLICIES,
+            admin={"metrics": f"tcp:{port}:interface=127.0.0.1"},
+        )
+
+        def logins() -> None:
+            ctx = ssl.create_default_context(cafile=str(pki.ca_path))
+            for password in ("alice-mail", "wrong"):
+                client = poplib.POP3_SSL("127.0.0.1", gateway.port(), context=ctx, timeout=30)
+                try:
+                    client.user("alice")
+                    client.pass_(password)
+                except poplib.error_proto:
+                    pass
+                finally:
+                    client.quit()
+
+        await in_thread(logins)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                return str(answer.read().decode())
+
+        text = await in_thread(scrape)
+        self.assertIn('mailgw_logins_ok_total{protocol="pop3"} 1.0', text)
+        self.assertIn('mailgw_logins_failed_total{protocol="pop3",reason="auth_failed"} 1.0', text)
+        self.assertIn("mailgw_relayed_bytes_total", text)

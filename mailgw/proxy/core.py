@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from mailgw.auth.radius import AccountingSession, RadiusAccounting, TerminateCause
 from mailgw.config import InterfaceConfig, ProxyConfig
+from mailgw.metrics import Metrics
 from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay
@@ -61,6 +62,8 @@ class ProxyEnvironment:
     failure_delay: float = 1.0
     #: RADIUS accounting of the proxy's sessions [5.4], if configured
     accounting: RadiusAccounting | None = None
+    #: Prometheus series [8.3]
+    metrics: Metrics | None = None
 
 
 class ProxyFactory(Factory):
@@ -186,6 +189,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             self._upstream.transport.loseConnection()
         if self.info is not None:
             self.env.registry.close(self.info)
+            if self.env.metrics is not None:
+                self.env.metrics.session_closed(self.info)
             if self._accounted is not None and self.env.accounting is not None:
                 # Sent however the session ended, the client vanishing included [5.4].
                 self.env.accounting.stop(
@@ -345,7 +350,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 server_delimiter=self.proxy.server_delimiter,
             )
         except LoginSyntaxError as e:
-            self._login_failed(LoginFailed(f"bad login syntax: {e}"))
+            self._login_failed(LoginFailed(f"bad login syntax: {e}", kind="syntax"))
             return
         self._pending = defer.Deferred.fromCoroutine(self._login(request))
         self._pending.addErrback(self._unexpected)
@@ -369,7 +374,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             )
         except UpstreamError as e:
             self.env.registry.release_login(info)
-            self._login_failed(LoginFailed(f"mailhost login: {e.reason}", temporary=e.temporary))
+            self._login_failed(LoginFailed(f"mailhost login: {e.reason}", temporary=e.temporary, kind="mailhost"))
             return
         if identity is None:
             try:
@@ -395,6 +400,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             upstream=info.upstream,
             group_policy=identity.policy.name,
         )
+        if self.env.metrics is not None:
+            self.env.metrics.login_succeeded(self.protocol_name)
         self._start_relay(upstream, answer, identity.policy.idle_timeout, identity.policy.max_session_time)
 
     def _login_failed(self, failure: LoginFailed) -> None:
@@ -411,6 +418,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         )
         if self.info.state is not SessionState.UNAUTHENTICATED:
             self.env.registry.set_state(self.info, SessionState.UNAUTHENTICATED)
+        if self.env.metrics is not None:
+            self.env.metrics.login_failed(self.protocol_name, "temporary" if failure.temporary else failure.kind)
         if failure.temporary:
             self._answer_after_failure(self.answer_temporary_failure())
         else:
@@ -431,6 +440,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
     def _unexpected(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
             return
+        if self.env.metrics is not None:
+            self.env.metrics.login_failed(self.protocol_name, "other")
         self.log.failure("Session {session_id}: login failed unexpectedly", failure,
                          session_id=self.info.session_id if self.info else None)
         self.close_with(self.answer_temporary_failure())

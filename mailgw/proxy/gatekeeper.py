@@ -40,10 +40,12 @@ class LoginFailed(Exception):
     authentication failure after the failure delay.
     """
 
-    def __init__(self, reason: str, *, temporary: bool = False) -> None:
+    def __init__(self, reason: str, *, temporary: bool = False, kind: str = "auth_failed") -> None:
         super().__init__(reason)
         self.reason = reason
         self.temporary = temporary
+        #: a small fixed set for metrics (see L{mailgw.metrics.LOGIN_FAILURE_KINDS})
+        self.kind = kind
 
 
 def _normalise_host(name: str) -> str:
@@ -89,7 +91,7 @@ class Gatekeeper:
         host = default.host
         if request.server is not None:
             if _normalise_host(request.server) not in self._allowed:
-                raise LoginFailed(f"server {request.server!r} is not in allowed_servers")
+                raise LoginFailed(f"server {request.server!r} is not in allowed_servers", kind="not_allowed")
             host = request.server.strip("[]")
         return UpstreamTarget(
             host=host,
@@ -153,7 +155,7 @@ class Gatekeeper:
         name = self.proxy.default_group_policy
         policy = self._lookup_policy(name) if name else None
         if policy is None:
-            raise LoginFailed(f"mailhost login of {request.vpn_user!r}: no default group policy")
+            raise LoginFailed(f"mailhost login of {request.vpn_user!r}: no default group policy", kind="policy")
         identity = VPNIdentity(request.vpn_user, policy, "mailhost")
         self._claim(info, identity)
         return identity
@@ -209,7 +211,7 @@ class Gatekeeper:
         try:
             victims = self._registry.claim_login(info, identity.user, policy.simultaneous_logins)
         except LoginRefused as e:
-            raise LoginFailed(f"{e} (group policy {policy.name!r})") from None
+            raise LoginFailed(f"{e} (group policy {policy.name!r})", kind="policy") from None
         info.group_policy = policy.name
         for victim in victims:
             self.log.info(
