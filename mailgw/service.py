@@ -48,6 +48,7 @@ from mailgw.config import (
 from mailgw.logs import make_observer
 from mailgw.manhole import manhole_service
 from mailgw.metrics import Metrics, metrics_service
+from mailgw.poller.service import PollerService
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
 from mailgw.proxy.imap4 import IMAP4Session
@@ -55,6 +56,8 @@ from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry, SessionState
 from mailgw.proxy.smtp import SMTPSession
+from mailgw.state import StateService
+from mailgw.state.sqlite import SQLiteState
 from mailgw.systemd import SystemdNotifier
 from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
 from mailgw.upstream import Connector
@@ -151,8 +154,13 @@ class GatewayService(MultiService):
                 workers=config.gateway.workers,
             )
         self._apply(config)
+        # All persistent state goes through one store (SQLite now) [1].
+        self.state = SQLiteState(config.gateway.state_dir / "state.sqlite3", reactor)
+        StateService(self.state).setServiceParent(self)  # before the poller: closes after it
+        self.poller = PollerService(config, self.state, self.connector, reactor, metrics=self.metrics)
+        self.poller.setServiceParent(self)
         self.admin_backend = GatewayAdminBackend(
-            self, started=reactor.seconds(), clock=reactor, reload=self._reload_deferred
+            self, started=reactor.seconds(), clock=reactor, reload=self._reload_deferred, poller=self.poller.accounts
         )
         admin_service(config.admin, self.admin_backend, reactor).setServiceParent(self)
         admin = config.admin
@@ -291,6 +299,9 @@ class GatewayService(MultiService):
             close = getattr(checker, "close", None)
             if close is not None and checker not in checkers.values():
                 defer.maybeDeferred(close)
+        poller = getattr(self, "poller", None)
+        if poller is not None:
+            poller.reconfigure(config)
         return problems
 
     def reload(self, path: str | os.PathLike[str] | None = None) -> list[str]:

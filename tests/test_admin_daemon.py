@@ -193,12 +193,45 @@ class AdminDaemonTests(TestCase):
         result = await self.ctl("aaa", "test", "NOPE", "alice", stdin=b"x\n")
         self.assertEqual((result.code, result.err), (1, "mailgwctl: no AAA server group 'NOPE'\n"))
 
-    async def test_accountsNotConfigured(self) -> None:
-        """Without the poller, accounts commands say so and exit 1."""
+    async def test_accountsRoundTrip(self) -> None:
+        """mailgwctl accounts add/list (with --domain)/edit/delete against the
+        daemon's state database; the password is never shown, in tables or JSON;
+        check-now with the poller disabled says so and exits 1."""
         await self.start_daemon()
-        result = await self.ctl("accounts", "list")
-        self.assertEqual(result.code, 1)
-        self.assertIn("poller is not running", result.err)
+        secret = "remote-Secret-42"
+        added = []
+        for domain in ("example.com", "example.org"):
+            result = await self.ctl(
+                "--json", "accounts", "add", "--host", "127.0.0.1", "--port", str(self.dovecot.pop3_port),
+                "--tls", "none", "--username", "alice", "--domain", domain, "--password-prompt",
+                stdin=secret.encode() + b"\n",
+            )
+            self.assertEqual(result.code, 0, result.err)
+            added.append(result.json())
+        listing = await self.ctl("--json", "accounts", "list")
+        self.assertEqual(sorted(a["domain"] for a in listing.json()), ["example.com", "example.org"])
+        only = await self.ctl("--json", "accounts", "list", "--domain", "example.org")
+        self.assertEqual([a["domain"] for a in only.json()], ["example.org"])
+        table = await self.ctl("accounts", "list")
+        self.assertEqual(table.code, 0, table.err)
+        self.assertIn("example.com", table.out)
+        first = str(added[0]["id"])
+        edited = await self.ctl("--json", "accounts", "edit", first, "--interval", "900")
+        self.assertEqual(edited.code, 0, edited.err)
+        self.assertEqual(edited.json()["interval"], 900)
+        bad = await self.ctl("accounts", "edit", first, "--port", "99999")
+        self.assertEqual(bad.code, 1)
+        self.assertIn("port", bad.err)
+        check = await self.ctl("accounts", "check-now", first)
+        self.assertEqual(check.code, 1)
+        deleted = await self.ctl("accounts", "delete", first)
+        self.assertEqual(deleted.code, 0, deleted.err)
+        listing = await self.ctl("--json", "accounts", "list")
+        self.assertEqual([a["domain"] for a in listing.json()], ["example.org"])
+        for output in (listing, only, table, edited):
+            self.assertNotIn(secret, output.out + output.err)
+        state = (self.gateway.directory / "state" / "state.sqlite3").read_bytes()
+        self.assertNotIn(secret.encode(), state)
 
     async def test_notRunning(self) -> None:
         """No daemon: a message naming the socket, exit 1; after the daemon stops,
