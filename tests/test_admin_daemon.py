@@ -267,8 +267,8 @@ class AdminDaemonTests(TestCase):
         self.assertEqual(self.socket.read_text(), "not a socket")
         self.assertFalse(port_accepts("127.0.0.1", self.data["pop3s"]["port"], timeout=0.2))
 
-    async def test_reloadWiredByLead(self) -> None:
-        """reload, once the lead wires GatewayAdminBackend's reload: a valid change
+    async def test_reload(self) -> None:
+        """mailgwctl reload: a valid change
         (IMAP4S enabled) is applied (a new listener appears) while an established
         POP3 relay keeps working; an invalid one is refused with the key path named
         and the old configuration kept."""
