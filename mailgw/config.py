@@ -962,7 +962,7 @@ _ENDPOINT_KEYWORDS: Mapping[str, frozenset[str]] = {
 }
 
 
-def _split_endpoint(description: str) -> list[str]:
+def split_endpoint(description: str) -> list[str]:
     """Split at unescaped colons, as Twisted does (``\\:`` is a literal colon)."""
     parts, current, escaped = [], [], False
     for ch in description:
@@ -989,7 +989,7 @@ def _check_endpoint(
     *,
     loopback_only: bool = False,
 ) -> None:
-    parts = _split_endpoint(description)
+    parts = split_endpoint(description)
     kind, arguments = parts[0], parts[1:]
     if kind not in types or not arguments:
         ctx.problem(

@@ -53,6 +53,7 @@ from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.config import split_endpoint
 from mailgw.metrics import AdminListener
 
 log = Logger()
@@ -69,24 +70,6 @@ class ManholeError(Exception):
 # -- endpoint ------------------------------------------------------------------------------
 
 
-def _split(description: str) -> list[str]:
-    """Split an endpoint description at unescaped colons (C{\\:} is a colon)."""
-    parts, current, escaped = [], [], False
-    for ch in description:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
 def manhole_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """The TCP endpoint of an C{ssh:PORT:interface=ADDRESS} description.
 
@@ -94,7 +77,7 @@ def manhole_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         not a loopback address (the configuration checks this too; this is the last
         line of defence against a shell open to the network).
     """
-    kind, *arguments = _split(description)
+    kind, *arguments = split_endpoint(description)
     if kind != "ssh" or not arguments:
         raise ManholeError(f"admin.manhole: expected ssh:PORT:interface=ADDRESS, got {description!r}")
     positional: list[str] = []
@@ -351,7 +334,7 @@ class ManholeRealm:
         self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
     ) -> tuple[Any, Any, Callable[[], None]]:
         if IConchUser not in interfaces:
-            raise NotImplementedError("the Manhole only gives SSH users")
+            raise TypeError("the Manhole only gives SSH users")
         original = components.Componentized()
         user = TerminalUser(original, avatarId)
         original.setComponent(IConchUser, user)

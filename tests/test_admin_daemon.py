@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -21,7 +21,7 @@ from tests.gateway import Gateway, deferLater
 from tests.servers.base import free_ports, port_accepts
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
-from tests.test_daemon import TWISTD, Collector
+from tests.test_daemon import Collector, spawn_twistd
 
 MAILGWCTL = str(Path(sys.executable).parent / "mailgwctl")
 PASSWORD = "alice-mail-7391"
@@ -65,24 +65,7 @@ class AdminDaemonTests(TestCase):
     # -- helpers ----------------------------------------------------------------------
 
     async def start_daemon(self) -> tuple[Collector, Any]:
-        path = self.gateway.write_config(self.data)
-        collector = Collector()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            collector,
-            TWISTD,
-            [TWISTD, "-n", "--pidfile=", "mailgw", "--config", str(path)],
-            env=None,
-            path=str(self.gateway.directory),
-        )
-
-        def kill() -> defer.Deferred[int] | None:
-            try:
-                process.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                return None
-            return collector.ended
-
-        self.addCleanup(kill)
+        collector, process = spawn_twistd(self, self.gateway.write_config(self.data), self.gateway.directory)
         port = self.data["pop3s"]["port"]
         for _ in range(300):
             if collector.ended.called:
@@ -254,11 +237,7 @@ class AdminDaemonTests(TestCase):
         saying why, and leaves the file alone."""
         self.socket.parent.mkdir(mode=0o750)
         self.socket.write_text("not a socket")
-        path = self.gateway.write_config(self.data)
-        collector = Collector()
-        reactor.spawnProcess(  # type: ignore[attr-defined]
-            collector, TWISTD, [TWISTD, "-n", "--pidfile=", "mailgw", "--config", str(path)], env=None
-        )
+        collector, _ = spawn_twistd(self, self.gateway.write_config(self.data), self.gateway.directory)
         code = await collector.ended
         self.assertNotEqual(code, 0)
         self.assertIn(

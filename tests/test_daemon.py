@@ -44,6 +44,28 @@ class Collector(protocol.ProcessProtocol):
         self.ended.callback(code if code is not None else -(signum or 255))
 
 
+def spawn_twistd(testcase: TestCase, config: Path, cwd: Path, **environ: str) -> tuple[Collector, Any]:
+    """Start ``twistd -n mailgw --config CONFIG``; killed (if still running) on cleanup."""
+    collector = Collector()
+    process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        collector,
+        TWISTD,
+        [TWISTD, "-n", "--pidfile=", "mailgw", "--config", str(config)],
+        env=dict(os.environ, **environ),
+        path=str(cwd),
+    )
+
+    def kill() -> defer.Deferred[int] | None:
+        try:
+            process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            return None
+        return collector.ended
+
+    testcase.addCleanup(kill)
+    return collector, process
+
+
 class PluginTests(SynchronousTestCase):
     def test_pluginFound(self) -> None:
         """getPlugins(IServiceMaker) finds the mailgw plugin."""
@@ -73,26 +95,7 @@ class TwistdBase(TestCase):
         return data
 
     async def run_twistd(self, data: dict[str, Any], **environ: str) -> tuple[Collector, Any]:
-        path = self.gateway.write_config(data)
-        collector = Collector()
-        env = dict(os.environ, **environ)
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            collector,
-            TWISTD,
-            [TWISTD, "-n", "--pidfile=", "mailgw", "--config", str(path)],
-            env=env,
-            path=str(self.gateway.directory),
-        )
-
-        def kill() -> defer.Deferred[int] | None:
-            try:
-                process.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                return None
-            return collector.ended
-
-        self.addCleanup(kill)
-        return collector, process
+        return spawn_twistd(self, self.gateway.write_config(data), self.gateway.directory, **environ)
 
     async def wait_listening(self, port: int, collector: Collector) -> None:
         for _ in range(300):
