@@ -10,7 +10,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -193,9 +193,13 @@ class FakeBackend:
         del self.accounts[account_id]
         return defer.succeed(None)
 
-    def accounts_check_now(self, account_id: str) -> defer.Deferred[dict[str, Any]]:
+    def accounts_check_now(
+        self, account_id: str, progress: Callable[[str], None] | None = None
+    ) -> defer.Deferred[dict[str, Any]]:
         self.calls.append(("accounts_check_now", account_id))
         self._account(account_id)
+        if progress is not None:
+            progress("account 1: 1 fetched, 1 delivered")
         return defer.succeed(
             {"fetched": 3, "delivered": 2, "deleted": 2, "skipped": [{"uidl": "u3", "reason": "no recipient"}]}
         )
@@ -208,7 +212,10 @@ class AMPPair:
     def __init__(self, backend: IAdminBackend) -> None:
         self.client: amp.AMP
         self.pump: IOPump
-        self.client, _, self.pump = connectedServerAndClient(lambda: admin_protocol(backend), amp.AMP)
+        self.progress: list[str] = []
+        self.client, _, self.pump = connectedServerAndClient(
+            lambda: admin_protocol(backend), lambda: amp.AMP(locator=ProgressCollector(self.progress))
+        )
 
     def remote(self, command: type[amp.Command], **arguments: Any) -> defer.Deferred[dict[str, Any]]:
         # AMP treats an error nobody waits for when it arrives as unhandled: chain
@@ -218,10 +225,15 @@ class AMPPair:
         self.pump.flush()
         return answer
 
-    def call(self, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
+    def call(
+        self, command: type[amp.Command], *, on_progress: Callable[[str], None] | None = None, **arguments: Any
+    ) -> dict[str, Any]:
         results: list[Any] = []
         self.remote(command, **arguments).addBoth(results.append)
         assert results, "no answer"
+        if on_progress is not None:
+            for line in self.progress:
+                on_progress(line)
         if isinstance(results[0], Failure):
             results[0].raiseException()
         answer: dict[str, Any] = results[0]
@@ -393,6 +405,7 @@ class ResponderTests(SynchronousTestCase):
         """AccountsDelete answers empty; AccountsCheckNow with what happened."""
         result = self.successResultOf(self.pair.remote(cmd.AccountsCheckNow, id="1"))["result"]
         self.assertEqual(result["delivered"], 2)
+        self.assertEqual(self.pair.progress, ["account 1: 1 fetched, 1 delivered"])
         self.assertEqual(self.successResultOf(self.pair.remote(cmd.AccountsDelete, id="1")), {})
         self.assertNotIn("1", self.backend.accounts)
 
@@ -439,6 +452,18 @@ class Report:
     skipped: list[str]
 
 
+class ProgressCollector(amp.CommandLocator):
+    """What mailgwctl does with the daemon's progress lines, for iosim clients."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    @cmd.CheckNowProgress.responder
+    def progress(self, line: str) -> dict[str, Any]:
+        self.lines.append(line)
+        return {}
+
+
 class FakePoller:
     """The poller's account API (L{PollerAdmin}): some answers plain values, some
     Deferreds, some coroutines."""
@@ -465,7 +490,9 @@ class FakePoller:
     async def delete(self, account_id: str) -> None:
         self.calls.append(("delete", account_id))
 
-    def check_now(self, account_id: str) -> Report:
+    def check_now(self, account_id: str, progress: Callable[[Any], None] | None = None) -> Report:
+        if progress is not None:
+            progress(Report(fetched=1, skipped=[]))
         return Report(fetched=2, skipped=["u3: no recipient"])
 
 

@@ -21,6 +21,7 @@ from tests.gateway import Gateway, deferLater
 from tests.servers.base import free_ports, port_accepts
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
+from tests.servers.smtpsink import SmtpSink
 from tests.test_daemon import Collector, spawn_twistd
 
 MAILGWCTL = str(Path(sys.executable).parent / "mailgwctl")
@@ -39,8 +40,8 @@ class Ctl:
         return json.loads(self.out)
 
 
-class AdminDaemonTests(TestCase):
-    """mailgwctl against twistd -n mailgw."""
+class AdminDaemonBase(TestCase):
+    """A real Dovecot and a twistd -n mailgw daemon for mailgwctl to talk to."""
 
     timeout = 120
 
@@ -107,6 +108,11 @@ class AdminDaemonTests(TestCase):
         return pop
 
     # -- tests ------------------------------------------------------------------------
+
+
+
+class AdminDaemonTests(AdminDaemonBase):
+    """mailgwctl against twistd -n mailgw."""
 
     async def test_status(self) -> None:
         """status prints version, listeners, sessions and AAA groups; --json parses
@@ -290,3 +296,34 @@ def _quietly_close(pop: poplib.POP3_SSL) -> None:
         pop.quit()
     except (poplib.error_proto, OSError):
         pop.close()
+
+
+class CheckNowTests(AdminDaemonBase):
+    """mailgwctl accounts check-now against the daemon's real poller."""
+
+    async def test_checkNowPolls(self) -> None:
+        """check-now polls a real Dovecot mailbox into an SMTP server, prints a
+        progress line per message and the report, and the messages arrive."""
+        sink = SmtpSink.started(self)
+        for number in (1, 2):
+            self.dovecot.deliver(
+                "alice",
+                b"From: a@example.net\r\nTo: bob@example.com\r\nSubject: m%d\r\n"
+                b"Message-ID: <m%d@example.net>\r\n\r\nbody %d\r\n" % (number, number, number),
+            )
+        self.data["poller"] = {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": sink.port}
+        await self.start_daemon()
+        added = await self.ctl(
+            "--json", "accounts", "add", "--host", "127.0.0.1", "--port", str(self.dovecot.pop3_port),
+            "--tls", "none", "--username", "alice", "--domain", "example.com", "--password-prompt",
+            stdin=PASSWORD.encode() + b"\n",
+        )
+        self.assertEqual(added.code, 0, added.err)
+        result = await self.ctl("accounts", "check-now", str(added.json()["id"]))
+        self.assertEqual(result.code, 0, result.err)
+        progress = [line for line in result.out.splitlines() if line.startswith("... ")]
+        self.assertEqual(len(progress), 2, result.out)
+        self.assertIn("delivered", result.out)
+        messages = await deferToThread(sink.wait_for_messages, 2)
+        self.assertEqual(sorted(r.strip("<>") for m in messages for r in m.rcpt_to), ["bob@example.com"] * 2)
+        self.assertNotIn(PASSWORD, result.out + result.err)

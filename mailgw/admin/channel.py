@@ -20,6 +20,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from mailgw.admin.commands import CheckNowProgress
 from mailgw.admin.responder import IAdminBackend, admin_protocol
 from mailgw.config import AdminConfig
 
@@ -221,10 +223,13 @@ class AdminClient:
             raise AdminUnavailable(f"cannot connect to the admin socket {self.path}: {e.strerror or e}") from None
         return sock
 
-    def call(self, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
+    def call(
+        self, command: type[amp.Command], *, on_progress: Callable[[str], None] | None = None, **arguments: Any
+    ) -> dict[str, Any]:
         """Send C{command} and return its answer's fields; raises the command's
         errors as the daemon reported them, L{AdminUnavailable} or
-        L{AdminProtocolError}."""
+        L{AdminProtocolError}.  Progress lines the daemon sends meanwhile
+        (L{CheckNowProgress}) go to C{on_progress}."""
         box = command.makeArguments(arguments, None)
         box[amp.COMMAND] = command.commandName
         box[amp.ASK] = b"1"
@@ -233,6 +238,10 @@ class AdminClient:
                 sock.sendall(box.serialize())
                 with sock.makefile("rb") as stream:
                     answer = _read_box(stream)
+                    while answer.get(amp.COMMAND) == CheckNowProgress.commandName:
+                        if on_progress is not None:
+                            on_progress(answer.get(b"line", b"").decode("utf-8", "replace"))
+                        answer = _read_box(stream)
             except TimeoutError:
                 raise AdminProtocolError(f"no answer from the daemon within {self.timeout:g} s") from None
             except OSError as e:

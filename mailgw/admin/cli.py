@@ -624,7 +624,12 @@ def accounts_command(args: argparse.Namespace, streams: Streams) -> int:
             streams.stdout.write(f"account {args.id} deleted\n")
         return OK
     assert action == "check-now"
-    result = _admin_call(args, streams, cmd.AccountsCheckNow, id=args.id)["result"]
+    def progress(line: str) -> None:
+        if not args.json:
+            streams.stdout.write(f"... {line}\n")
+            streams.stdout.flush()
+
+    result = _admin_call(args, streams, cmd.AccountsCheckNow, id=args.id, on_progress=progress)["result"]
     if args.json:
         _print_json(streams, result)
     else:

@@ -221,6 +221,14 @@ class AccountsDelete(amp.Command):
     errors = _ACCOUNT_ERRORS
 
 
+class CheckNowProgress(amp.Command):
+    """Sent by the daemon to mailgwctl during a check-now: one progress line
+    (the report so far, after each message).  No answer is expected."""
+
+    arguments = [(b"line", amp.Unicode())]
+    requiresAnswer = False
+
+
 class AccountsCheckNow(amp.Command):
     """Poll an account now (joining a running poll) and answer with what happened."""
 

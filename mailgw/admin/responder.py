@@ -34,6 +34,7 @@ from mailgw.admin.commands import (
     AccountsDelete,
     AccountsEdit,
     AccountsList,
+    CheckNowProgress,
     InvalidAccount,
     Kill,
     NoSuchAccount,
@@ -102,8 +103,11 @@ class IAdminBackend(Interface):
     def accounts_delete(account_id: str) -> defer.Deferred[None]:  # noqa: N805
         """Delete an account."""
 
-    def accounts_check_now(account_id: str) -> defer.Deferred[JSONObject]:  # noqa: N805
-        """Poll an account now; fires with what happened."""
+    def accounts_check_now(
+        account_id: str, progress: Callable[[str], None] | None = None  # noqa: N805
+    ) -> defer.Deferred[JSONObject]:
+        """Poll an account now; fires with what happened.  C{progress} gets a line
+        after each message of a long poll."""
 
 
 class AdminResponder(amp.CommandLocator):
@@ -113,6 +117,8 @@ class AdminResponder(amp.CommandLocator):
 
     def __init__(self, backend: IAdminBackend) -> None:
         self.backend = backend
+        #: the connection, to send progress lines back (set by L{admin_protocol})
+        self.connection: amp.AMP | None = None
 
     @Status.responder
     def status(self) -> JSONObject:
@@ -164,13 +170,21 @@ class AdminResponder(amp.CommandLocator):
 
     @AccountsCheckNow.responder
     def accounts_check_now(self, id: str) -> defer.Deferred[JSONObject]:
-        d = self.backend.accounts_check_now(id)
+        d = self.backend.accounts_check_now(id, self._progress)
         return d.addCallback(lambda result: {"result": scrub(result)})
+
+    def _progress(self, line: str) -> None:
+        connection = self.connection
+        if connection is not None and connection.transport is not None:
+            connection.callRemote(CheckNowProgress, line=line)
 
 
 def admin_protocol(backend: IAdminBackend) -> amp.AMP:
     """An AMP connection of the admin channel answering from C{backend}."""
-    return amp.AMP(locator=AdminResponder(backend))
+    locator = AdminResponder(backend)
+    connection = amp.AMP(locator=locator)
+    locator.connection = connection
+    return connection
 
 
 # --- The backend over the running gateway --------------------------------------------
@@ -420,8 +434,15 @@ class GatewayAdminBackend:
     def accounts_delete(self, account_id: str) -> defer.Deferred[None]:
         return self._poller_call("delete", account_id).addCallback(lambda _: None)
 
-    def accounts_check_now(self, account_id: str) -> defer.Deferred[JSONObject]:
-        return self._poller_call("check_now", account_id).addCallback(_plain)
+    def accounts_check_now(
+        self, account_id: str, progress: Callable[[str], None] | None = None
+    ) -> defer.Deferred[JSONObject]:
+        def report(so_far: Any) -> None:
+            if progress is not None:
+                summary = getattr(so_far, "summary", None)
+                progress(summary() if callable(summary) else str(so_far))
+
+        return self._poller_call("check_now", account_id, report).addCallback(_plain)
 
 
 def _plain(value: object) -> JSONObject:
