@@ -28,11 +28,13 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from mailgw.auth.portal import AAAUnavailable
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 
 P = ParamSpec("P")
@@ -118,6 +120,7 @@ class Metrics:
 
     def __init__(self, sessions: SessionRegistry | None = None, *, process: bool = True) -> None:
         self.registry = CollectorRegistry()
+        self.aaa_health = {}
         self.sessions = sessions
         self._closed_bytes: dict[tuple[str, str], int] = {
             (protocol, direction): 0 for protocol in PROTOCOLS for direction in DIRECTIONS
@@ -184,6 +187,9 @@ class Metrics:
     def aaa_latency(self, group: str, seconds: float) -> None:
         """One answer (or failure) of server group C{group} took C{seconds}."""
         self._aaa_latency.labels(group).observe(max(seconds, 0.0))
+
+    #: server group → ("reachable" | "unavailable", when) from the last real check
+    aaa_health: dict[str, tuple[str, float]]
 
     def timed_checker(self, checker: ICredentialsChecker, group: str, clock: IReactorTime) -> ICredentialsChecker:
         """C{checker} with each C{requestAvatarId} timed as C{group}'s latency."""
@@ -255,7 +261,11 @@ class TimedChecker:
         start = self._clock.seconds()
 
         def record(result: object) -> object:
-            self._metrics.aaa_latency(self._group, self._clock.seconds() - start)
+            now = self._clock.seconds()
+            self._metrics.aaa_latency(self._group, now - start)
+            # Health for `mailgwctl status`: a reject still proves the servers answer.
+            unavailable = isinstance(result, Failure) and result.check(AAAUnavailable) is not None
+            self._metrics.aaa_health[self._group] = ("unavailable" if unavailable else "reachable", now)
             return result
 
         d: defer.Deferred[Any] = defer.maybeDeferred(self.checker.requestAvatarId, credentials)

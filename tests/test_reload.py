@@ -205,3 +205,7 @@ class MetricsEndpointTests(TestCase):
         self.assertIn('mailgw_logins_ok_total{protocol="pop3"} 1.0', text)
         self.assertIn('mailgw_logins_failed_total{protocol="pop3",reason="auth_failed"} 1.0', text)
         self.assertIn("mailgw_relayed_bytes_total", text)
+        # The same logins give the AAA group's health in `mailgwctl status`.
+        assert gateway.service is not None
+        groups = {g["name"]: g for g in gateway.service.admin_backend.status()["aaa_groups"]}
+        self.assertEqual(groups["LOCAL"]["health"], "reachable")

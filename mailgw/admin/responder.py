@@ -294,7 +294,11 @@ class GatewayAdminBackend:
     def _group_status(self, group: AAAServerGroup) -> JSONObject:
         last = self._last_tests.get(group.name)
         health = "unknown"
-        if last is not None:
+        metrics = getattr(self.gateway, "metrics", None)
+        seen = metrics.aaa_health.get(group.name) if metrics is not None else None
+        if seen is not None:
+            health = seen[0]  # the last real login (or aaa test) through the group
+        elif last is not None:
             health = "unavailable" if last["result"] == "unavailable" else "reachable"
         return {
             "name": group.name,
