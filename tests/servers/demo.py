@@ -99,6 +99,10 @@ List the mailbox and fetch message 1 through the gateway:
     curl --cacert {cert} -u {DEMO_USER}:{DEMO_PASSWORD} pop3s://localhost:{pop3s_port}/
     curl --cacert {cert} -u {DEMO_USER}:{DEMO_PASSWORD} pop3s://localhost:{pop3s_port}/1
 
+Watch the sessions and the gateway's state with the admin channel:
+
+    .venv/bin/mailgwctl --socket {run_dir / "admin.sock"} status
+
 Ctrl-C stops the gateway and Dovecot.
 """,
             flush=True,
