@@ -20,11 +20,9 @@ import hashlib
 import socketserver
 import threading
 from dataclasses import dataclass, field
-from typing import Self
-
-from twisted.trial.unittest import SynchronousTestCase
 
 from tests.servers.base import LOOPBACK
+from tests.servers.smtpsink import ThreadedServer
 
 __all__ = ["PollerSink", "PollerSinkMessage"]
 
@@ -161,8 +159,10 @@ class _Server(socketserver.ThreadingTCPServer):
     sink: PollerSink
 
 
-class PollerSink:
+class PollerSink(ThreadedServer):
     """The configurable SMTP receiver; attributes may be changed while it runs."""
+
+    thread_name = "poller-sink"
 
     def __init__(self, host: str = LOOPBACK, *, keep_limit: int = 4 * 1024 * 1024) -> None:
         self.host = host
@@ -187,26 +187,3 @@ class PollerSink:
         with self.lock:
             return [m for m in self.messages if recipient.lower() in (r.lower() for r in m.rcpt_to)]
 
-    def start(self) -> Self:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"poller-sink-{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    @classmethod
-    def started(cls, testcase: SynchronousTestCase, **kwargs: object) -> Self:
-        sink = cls(**kwargs)  # type: ignore[arg-type]
-        testcase.addCleanup(sink.stop)
-        return sink.start()

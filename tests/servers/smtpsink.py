@@ -140,8 +140,47 @@ class _Server(socketserver.ThreadingTCPServer):
     sink: SmtpSink
 
 
-class SmtpSink:
+class ThreadedServer:
+    """A C{socketserver} server run in a daemon thread while a test needs it.
+
+    Subclasses set C{_server} (with C{server_address}), C{port} and C{_thread = None}
+    in their constructor; C{thread_name} names the thread."""
+
+    thread_name = "test-server"
+    _server: socketserver.BaseServer
+    _thread: threading.Thread | None
+    port: int
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"{self.thread_name}-{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    @classmethod
+    def started(cls, testcase: SynchronousTestCase, **kwargs: object) -> Self:
+        """Started now, stopped when C{testcase} cleans up."""
+        server = cls(**kwargs)
+        testcase.addCleanup(server.stop)
+        return server.start()
+
+
+class SmtpSink(ThreadedServer):
     """A capturing SMTP server on ``host`` (port 0: a free port, see :attr:`port`)."""
+
+    thread_name = "smtp-sink"
 
     def __init__(self, host: str = LOOPBACK, port: int = 0, *, hostname: str = "sink.test") -> None:
         self.host = host
@@ -170,26 +209,3 @@ class SmtpSink:
                 self._condition.wait(remaining)
             return list(self.messages)
 
-    def start(self) -> Self:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.05},
-                name=f"smtp-sink-{self.port}",
-                daemon=True,
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    @classmethod
-    def started(cls, testcase: SynchronousTestCase, host: str = LOOPBACK) -> Self:
-        sink = cls(host)
-        testcase.addCleanup(sink.stop)
-        return sink.start()
