@@ -164,12 +164,13 @@ class Secret:
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """``[gateway]``."""
+    """``[gateway]``.  ``listen_backlog`` is the listen(2) backlog of every proxy listener."""
 
     state_dir: Path
     log_format: str
     node_name: str
     workers: int
+    listen_backlog: int = 511
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,11 @@ class Listener(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """``[pop3s]``, ``[imap4s]`` or ``[smtps]``; ``protocol`` says which."""
+    """
+    ``[pop3s]``, ``[imap4s]`` or ``[smtps]``; ``protocol`` says which.  Before login, a
+    command line may have at most ``max_login_line`` bytes and an IMAP literal at most
+    ``max_login_literal`` (read in all three sections, so they share one shape).
+    """
 
     protocol: str
     enabled: bool
@@ -251,6 +256,8 @@ class ProxyConfig:
     idle_timeout: int
     default_server: UpstreamServerConfig
     authorization: CertificateAuthorizationConfig
+    max_login_line: int = 4096
+    max_login_literal: int = 4096
 
     def listen_ports(self) -> tuple[Listener, ...]:
         """The ports ``tls_support`` opens [4.1] (whether or not the proxy is enabled)."""
@@ -265,11 +272,15 @@ class ProxyConfig:
 
 @dataclass(frozen=True, slots=True)
 class LocalGroup:
-    """``protocol = "local"``: users and hashes in a TOML file."""
+    """
+    ``protocol = "local"``: users and hashes in a TOML file.  ``max_pending``, in every
+    group: the checks queued or running at once (0 = no limit) [4.10].
+    """
 
     name: str
     protocol: str
     users_file: Path
+    max_pending: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +304,7 @@ class LdapGroup:
     group_policy_attribute: str
     group_policy_map: Mapping[str, str]
     timeout: float
+    max_pending: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +326,7 @@ class RadiusGroup:
     servers: tuple[RadiusServer, ...]
     timeout: float
     retries: int
+    max_pending: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +349,7 @@ class Pop3Group:
     protocol: str
     servers: tuple[Pop3Server, ...]
     strip_domain: bool
+    max_pending: int = 64
 
 
 AAAServerGroup: TypeAlias = LocalGroup | LdapGroup | RadiusGroup | Pop3Group
@@ -605,6 +619,32 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{part}" if path else part
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbours that turn C{a}
+    into C{b} (optimal string alignment)."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def _closest(key: str, known: Iterable[str]) -> str | None:
+    """The known key that C{key} is a typing slip away from (one edit for short keys,
+    two for longer ones; case and C{-}/C{_} do not count), if exactly one is closest."""
+    folded = key.lower().replace("-", "_")
+    limit = 1 if len(folded) <= 4 else 2
+    scored = sorted((_edit_distance(folded, k.lower()), k) for k in known if k != key)
+    best = [k for d, k in scored if d <= limit and d == scored[0][0]]
+    return best[0] if len(best) == 1 else None
+
+
 def _type_name(value: object) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -641,6 +681,8 @@ class _Context:
         self.policy_references: list[tuple[str, str]] = []
         # names of server groups left out of the result because of their problems
         self.dropped_groups: set[str] = set()
+        # key paths whose value is the built-in default (absent from the file)
+        self.defaulted: set[str] = set()
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -690,10 +732,12 @@ class _Table:
         return self.data.get(key, _MISSING)
 
     def finish(self) -> None:
-        """Report every key that no accessor read."""
+        """Report every key that no accessor read, with the known key it is probably
+        a misspelling of."""
         for key in self.data:
             if key not in self._used:
-                self.problem(key, "unknown key")
+                close = _closest(key, self._used)
+                self.problem(key, f"unknown key (did you mean {json.dumps(close)}?)" if close else "unknown key")
 
     def ignore_rest(self) -> None:
         """Do not report unknown keys (the table is already known to be wrong)."""
@@ -1040,8 +1084,9 @@ def _parse_gateway(t: _Table, base: Path) -> GatewayConfig:
     if t.ctx.ok(t.key("node_name")) and not _is_token(node_name, 253):
         t.problem("node_name", f"must be 1-253 printable characters without spaces, got {node_name!r}")
     workers = t.integer("workers", 1, minimum=1)
+    listen_backlog = t.integer("listen_backlog", 511, minimum=1, maximum=65535)
     t.finish()
-    return GatewayConfig(state_dir, log_format, node_name, workers)
+    return GatewayConfig(state_dir, log_format, node_name, workers, listen_backlog)
 
 
 def _parse_tls(t: _Table, base: Path) -> TLSConfig:
@@ -1113,6 +1158,8 @@ def _parse_proxy(t: _Table, protocol: str, base: Path) -> ProxyConfig:
     allow_plaintext_auth = t.boolean("allow_plaintext_auth", False)
     authentication = _parse_authentication(t, protocol)
     authentication_server_group = t.string("authentication_server_group", "LOCAL")
+    if not t.has("authentication_server_group"):
+        t.ctx.defaulted.add(t.key("authentication_server_group"))
     authorization_server_group = t.string("authorization_server_group", "")
     accounting_server_group = t.string("accounting_server_group", "")
     default_group_policy = t.string("default_group_policy", DEFAULT_GROUP_POLICY)
@@ -1130,6 +1177,8 @@ def _parse_proxy(t: _Table, protocol: str, base: Path) -> ProxyConfig:
         allowed_servers.append(value)
     login_timeout = t.integer("login_timeout", 60, minimum=1)
     idle_timeout = t.integer("idle_timeout", 1800, minimum=1)
+    max_login_line = t.integer("max_login_line", 4096, minimum=512, maximum=65536)
+    max_login_literal = t.integer("max_login_literal", 4096, minimum=0, maximum=65536)
     default_server = _parse_upstream(t.table("default_server"), protocol, base)
     authorization = _parse_certificate_authorization(t.table("authorization"))
     t.finish()
@@ -1153,6 +1202,8 @@ def _parse_proxy(t: _Table, protocol: str, base: Path) -> ProxyConfig:
         idle_timeout=idle_timeout,
         default_server=default_server,
         authorization=authorization,
+        max_login_line=max_login_line,
+        max_login_literal=max_login_literal,
     )
 
 
@@ -1236,6 +1287,8 @@ def _parse_server_groups(root: _Table, base: Path) -> tuple[tuple[AAAServerGroup
             group = _parse_radius_group(t, name)
         else:
             group = _parse_pop3_group(t, name, base)
+        # every protocol: the bound on checks queued or in flight [4.10]
+        group = replace(group, max_pending=t.integer("max_pending", 64, minimum=0))
         t.finish()
         groups.append(group)
         paths.append(t.path)
@@ -1564,7 +1617,14 @@ def _check_group_reference(ctx: _Context, config: Config, proxy: ProxyConfig) ->
     def lookup(key: str, name: str) -> AAAServerGroup | None:
         group = groups.get(name)
         if group is None and not uncertain and name not in ctx.dropped_groups:
-            ctx.problem(key, f"no aaa_server_group named {name!r}")
+            if key in ctx.defaulted:
+                ctx.problem(
+                    key,
+                    f"no aaa_server_group named {name!r} ({name!r} is the built-in default:"
+                    f" define that group, or set {key.rpartition('.')[2]})",
+                )
+            else:
+                ctx.problem(key, f"no aaa_server_group named {name!r}")
         return group
 
     key = f"{p}.authentication_server_group"

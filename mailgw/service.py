@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from zope.interface import implementer
 from mailgw.admin.channel import admin_service
 from mailgw.admin.responder import GatewayAdminBackend
 from mailgw.auth.ldap import LdapChecker
+from mailgw.auth.limits import FairPool, PenaltyTable, PendingLimit
 from mailgw.auth.local import LocalUsersChecker
 from mailgw.auth.pop3 import Pop3Checker
 from mailgw.auth.portal import AuthenticatedUser, GatewayRealm, make_portal
@@ -47,6 +48,7 @@ from mailgw.config import (
 )
 from mailgw.logs import make_observer
 from mailgw.manhole import manhole_service
+from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics, metrics_service
 from mailgw.poller.service import PollerService
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
@@ -55,6 +57,7 @@ from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry, SessionState
+from mailgw.proxy.relay import CLOSE_GRACE
 from mailgw.proxy.smtp import SMTPSession
 from mailgw.state import StateService
 from mailgw.state.sqlite import SQLiteState
@@ -99,17 +102,29 @@ class Listener(StreamServerEndpointService):
         self._raiseSynchronously = True
 
 
+class _CurrentEnvironment:
+    """The environment a proxy's listeners give new sessions: whatever the running
+    configuration made last, so a reload needs no new listener."""
+
+    def __init__(self, environments: Mapping[str, ProxyEnvironment], protocol: str) -> None:
+        self._environments = environments
+        self._protocol = protocol
+
+    def __call__(self) -> ProxyEnvironment:
+        return self._environments[self._protocol]
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class _CurrentServerTLS:
     """The implicit-TLS listeners' connection creator: whatever TLS context the
-    environment has now, so a reload that changes the certificate needs no new
+    current environment has, so a reload that changes the certificate needs no new
     listener."""
 
-    def __init__(self, env: ProxyEnvironment) -> None:
-        self._env = env
+    def __init__(self, current: Callable[[], ProxyEnvironment]) -> None:
+        self._current = current
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        return self._env.server_tls.serverConnectionForTLS(tlsProtocol)
+        return self._current().server_tls.serverConnectionForTLS(tlsProtocol)
 
 
 class GatewayService(MultiService):
@@ -141,13 +156,33 @@ class GatewayService(MultiService):
         self.metrics = Metrics(self.registry)
         self.notifier = SystemdNotifier()
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
-        self.threadpool = ThreadPool(minthreads=0, maxthreads=4, name="mailgw-aaa")
-        ThreadPoolService(self.threadpool).setServiceParent(self)
+        # Password hashing and ldap3 each get their own bounded pool, so an LDAP
+        # outage cannot stall local logins [4.10]; hashing is CPU work: one thread per
+        # core, handed out fairly between client addresses.
+        cores = os.cpu_count() or 2
+        self.hash_threads = ThreadPool(minthreads=0, maxthreads=cores, name="mailgw-hash")
+        ThreadPoolService(self.hash_threads).setServiceParent(self)
+        self.hash_pool = FairPool(reactor, self.hash_threads, concurrency=cores, name="password hashing")
+        self.ldap_threads = ThreadPool(minthreads=0, maxthreads=8, name="mailgw-ldap")
+        ThreadPoolService(self.ldap_threads).setServiceParent(self)
+        self.ldap_pool = FairPool(reactor, self.ldap_threads, concurrency=8, name="ldap")
+        #: the failure penalty per client address [4.10], shared by the proxies and
+        #: kept across reloads
+        self.penalty = PenaltyTable(reactor)
+        #: every session whose connections are not all gone yet (all proxies)
+        self.connections: LiveConnections[ProxySession] = LiveConnections(reactor)
+        #: the poller's connector (the proxies get a new one with each configuration)
         self.connector = Connector(reactor)
         self.radius = RadiusClient(reactor)
+        #: each proxy's environment for new sessions; a reload replaces it, and
+        #: established sessions keep the one they started with [3]
         self.environments: dict[str, ProxyEnvironment] = {}
         self.checkers: dict[str, Any] = {}
         self.accounting: dict[str, RadiusAccounting] = {}
+        #: accounting clients replaced by a reload: their sessions' Stops still go
+        #: through them; closed at stop
+        self._retired_accounting: list[RadiusAccounting] = []
+        self.limits: dict[str, PendingLimit] = {}
         if config.gateway.workers > 1:
             self.log.warn(
                 "gateway.workers = {workers}: this version runs one process; the extra workers are not started",
@@ -207,6 +242,20 @@ class GatewayService(MultiService):
             client_ca=tls.client_ca,
         )
         realm = GatewayRealm(config.group_policy)
+        # A new connector (and so new upstream TLS objects, re-reading CA files) for
+        # the sessions of this configuration; the old one lives on in the old ones.
+        connector = Connector(reactor)
+        limits: dict[str, PendingLimit] = {}
+        for group in config.aaa_server_groups:
+            known = self.limits.get(group.name)
+            # Kept while max_pending is the same, so checks in flight still count.
+            limits[group.name] = (
+                known if known is not None and known.max_pending == group.max_pending
+                else PendingLimit(group.name, group.max_pending)
+            )
+        #: the groups whose checkers hold their place themselves until their thread
+        #: work really ends (the others through the gatekeeper)
+        self_limited: set[str] = set()
         portals: dict[str, Portal] = {}
         checkers: dict[str, Any] = {}
         #: server groups that can look a user up without a password [5.2]
@@ -214,12 +263,16 @@ class GatewayService(MultiService):
         for group in config.aaa_server_groups:
             checker: Any
             if isinstance(group, LocalGroup):
-                checker = LocalUsersChecker.from_file(group.name, group.users_file, reactor, self.threadpool)
+                checker = LocalUsersChecker.from_file(
+                    group.name, group.users_file, self.hash_pool, limits[group.name]
+                )
+                self_limited.add(group.name)
             elif isinstance(group, LdapGroup):
-                checker = LdapChecker(group, reactor, self.threadpool)
+                checker = LdapChecker(group, reactor, self.ldap_pool, limit=limits[group.name])
+                self_limited.add(group.name)
                 authorizers[group.name] = self.metrics.timed_authorizer(checker.authorize, group.name, reactor)
             elif isinstance(group, Pop3Group):
-                checker = Pop3Checker(group, self.connector)
+                checker = Pop3Checker(group, connector)
             else:
                 checker = RadiusChecker(group, self.radius, config.gateway.node_name)
                 authorizers[group.name] = self.metrics.timed_authorizer(
@@ -228,12 +281,22 @@ class GatewayService(MultiService):
             checkers[group.name] = checker
             portals[group.name] = make_portal(self.metrics.timed_checker(checker, group.name, reactor), realm)
         accounting: dict[str, RadiusAccounting] = {}
+        old_config: Config | None = getattr(self, "config", None)
         for proxy in config.proxies():
             name = proxy.accounting_server_group
             if proxy.enabled and name and name not in accounting:
                 group = config.aaa_group(name)
                 assert isinstance(group, RadiusGroup)  # checked by the configuration
-                accounting[name] = self.accounting.get(name) or RadiusAccounting.for_group(
+                known_acct = self.accounting.get(name)
+                # The same servers, secrets and node name: keep the client; anything
+                # changed: a new one for new sessions, the old one for the old [3].
+                unchanged = (
+                    known_acct is not None
+                    and old_config is not None
+                    and old_config.aaa_group(name) == group
+                    and old_config.gateway.node_name == config.gateway.node_name
+                )
+                accounting[name] = known_acct if unchanged and known_acct is not None else RadiusAccounting.for_group(
                     self.radius, group, config.gateway.node_name
                 )
 
@@ -242,39 +305,46 @@ class GatewayService(MultiService):
         self.config = config
         self.server_tls = server_tls
         self.portals, self.checkers, self.authorizers = portals, checkers, authorizers
-        for name, unused in self.accounting.items():
-            if name not in accounting:
-                unused.close()
+        self.limits = limits
+        kept = set(map(id, accounting.values()))
+        self._retired_accounting.extend(a for a in self.accounting.values() if id(a) not in kept)
         self.accounting = accounting
         wanted: dict[tuple[object, ...], tuple[Listener, ProxyEnvironment]] = {}
         for proxy in config.proxies():
             if not proxy.enabled:
                 continue
-            env = self.environments.get(proxy.protocol)
-            gatekeeper = Gatekeeper(proxy, portals, self.registry, config.group_policy, authorizers=authorizers)
+            gatekeeper = Gatekeeper(
+                proxy,
+                portals,
+                self.registry,
+                config.group_policy,
+                authorizers=authorizers,
+                limits={name: limit for name, limit in limits.items() if name not in self_limited},
+            )
             acct = accounting.get(proxy.accounting_server_group) if proxy.accounting_server_group else None
-            if env is None:
-                env = ProxyEnvironment(
-                    proxy=proxy,
-                    clock=reactor,
-                    registry=self.registry,
-                    gatekeeper=gatekeeper,
-                    connector=self.connector,
-                    server_tls=server_tls,
-                    node_name=config.gateway.node_name,
-                    failure_delay=self.failure_delay,
-                    accounting=acct,
-                    metrics=self.metrics,
-                )
-                self.environments[proxy.protocol] = env
-            else:
-                # Listeners and new sessions see the new settings; established
-                # sessions keep theirs.
-                env.proxy, env.gatekeeper, env.server_tls = proxy, gatekeeper, server_tls
-                env.node_name, env.accounting = config.gateway.node_name, acct
+            # A new environment: listeners hand it to new sessions; established
+            # sessions keep theirs (proxy settings, gatekeeper, accounting) [3].
+            env = ProxyEnvironment(
+                proxy=proxy,
+                clock=reactor,
+                registry=self.registry,
+                gatekeeper=gatekeeper,
+                connector=connector,
+                server_tls=server_tls,
+                node_name=config.gateway.node_name,
+                failure_delay=self.failure_delay,
+                accounting=acct,
+                metrics=self.metrics,
+                penalty=self.penalty,
+                connections=self.connections,
+            )
+            self.environments[proxy.protocol] = env
+            current_env = _CurrentEnvironment(self.environments, proxy.protocol)
             for interface in config.interfaces:
                 if interface.enables(proxy.protocol):
-                    for listener in _listeners(reactor, env, SESSION_CLASSES[proxy.protocol], interface):
+                    for listener in _listeners(
+                        reactor, current_env, SESSION_CLASSES[proxy.protocol], interface, config.gateway.listen_backlog
+                    ):
                         wanted[listener.key] = (listener, env)
         problems: list[str] = []
         current = {listener.key: listener for listener in self.listeners()}
@@ -388,17 +458,23 @@ class GatewayService(MultiService):
             await deferLater(self.reactor, 0.1)
         for info in self.registry:
             info.owner.terminate("gateway stopping: grace period over", TerminateCause.NAS_REBOOT)
+        # Every connection is gone within CLOSE_GRACE of its close [4.1].
+        deadline = self.reactor.seconds() + CLOSE_GRACE + 1
+        while self.connections and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, 0.05)
         # 3. Give the accounting Stops a moment to be answered.
         deadline = self.reactor.seconds() + 5
-        while any(a.pending for a in self.accounting.values()) and self.reactor.seconds() < deadline:
+        every_accounting = [*self.accounting.values(), *self._retired_accounting]
+        while any(a.pending for a in every_accounting) and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.1)
         # 4. Release the AAA connections while the thread pool still runs.
         for checker in self.checkers.values():
             close = getattr(checker, "close", None)
             if close is not None:
                 await defer.maybeDeferred(close)
+        self.connections.stop()
         await defer.maybeDeferred(super().stopService)
-        for accounting in self.accounting.values():
+        for accounting in [*self.accounting.values(), *self._retired_accounting]:
             accounting.close()
         await self.radius.close()
 
@@ -416,10 +492,14 @@ def _radius_authorizer(checker: RadiusChecker) -> Authorizer:
 
 
 def _listeners(
-    reactor: Any, env: ProxyEnvironment, session_class: type[ProxySession], interface: InterfaceConfig
+    reactor: Any,
+    current: Callable[[], ProxyEnvironment],
+    session_class: type[ProxySession],
+    interface: InterfaceConfig,
+    backlog: int,
 ) -> list[Listener]:
     """The listeners of one proxy on one interface, by C{tls_support} [4.1]."""
-    proxy: ProxyConfig = env.proxy
+    proxy: ProxyConfig = current().proxy
     ports: list[tuple[int, bool]] = []
     if proxy.tls_support in ("enabled", "required"):
         ports.append((proxy.port, True))
@@ -429,18 +509,18 @@ def _listeners(
     for port, implicit in ports:
         endpoint: IStreamServerEndpoint
         if ":" in interface.address:
-            endpoint = TCP6ServerEndpoint(reactor, port, interface=interface.address)
+            endpoint = TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=interface.address)
         else:
-            endpoint = TCP4ServerEndpoint(reactor, port, interface=interface.address)
-        factory: Factory = ProxyFactory(env, session_class, interface=interface, implicit_tls=implicit)
+            endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface.address)
+        factory: Factory = ProxyFactory(current, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
-            factory = TLSMemoryBIOFactory(_CurrentServerTLS(env), False, factory)  # type: ignore[assignment]
+            factory = TLSMemoryBIOFactory(_CurrentServerTLS(current), False, factory)  # type: ignore[assignment]
         if interface.proxy_protocol:
             factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
         name = f"{proxy.protocol}/{interface.name}/{port}"
         listener = Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})")
-        listener.key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol)
+        listener.key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol, backlog)
         result.append(listener)
     return result
 

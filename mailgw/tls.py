@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -296,7 +297,7 @@ def _load_certificates(path: Path, what: str) -> list[x509.Certificate]:
         raise TLSConfigError(f"{path}: no valid PEM certificate ({what})", path) from e
 
 
-def _ssl_error_text(error: SSL.Error) -> str:
+def ssl_error_text(error: SSL.Error) -> str:
     # SSL.Error.args[0] is a list of (library, function, reason) tuples.
     parts: list[str] = []
     for entry in error.args[0] if error.args and isinstance(error.args[0], list) else []:
@@ -395,7 +396,7 @@ class ServerTLS:
             ctx.use_certificate_chain_file(os.fsencode(cert_path))
         except SSL.Error as e:
             raise TLSConfigError(
-                f"{cert_path}: cannot use the certificate chain: {_ssl_error_text(e)}",
+                f"{cert_path}: cannot use the certificate chain: {ssl_error_text(e)}",
                 cert_path,
             ) from e
         try:
@@ -420,7 +421,7 @@ class ServerTLS:
                 ctx.load_verify_locations(os.fsencode(client_ca))
             except SSL.Error as e:
                 raise TLSConfigError(
-                    f"{client_ca}: cannot load the client CAs: {_ssl_error_text(e)}",
+                    f"{client_ca}: cannot load the client CAs: {ssl_error_text(e)}",
                     client_ca,
                 ) from e
             for ca in cas:
@@ -648,13 +649,20 @@ class ClientTLSCache:
     Upstream connection creators, one per (hostname, verify, ca), built on first use.
 
     Owned by whoever connects upstream (one per configuration; a reload makes a new one,
-    which re-reads the CA files). Its size is bounded by the configured servers.
+    which re-reads the CA files). Callers pass the server name as configured (never as a
+    client spelled it), so the entries are bounded by the configured servers; the cache
+    is bounded all the same (least recently used dropped beyond C{max_entries}), since
+    a creator with the system trust store costs about a megabyte.
     """
 
-    def __init__(self) -> None:
-        self._creators: dict[
+    def __init__(self, max_entries: int = 64) -> None:
+        self._max = max_entries
+        self._creators: OrderedDict[
             tuple[str, bool, Path | None], IOpenSSLClientConnectionCreator
-        ] = {}
+        ] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._creators)
 
     def get(
         self, hostname: str, *, verify: bool, ca: Path | None
@@ -664,6 +672,10 @@ class ClientTLSCache:
         if creator is None:
             creator = client_tls_options(hostname, verify=verify, ca=ca)
             self._creators[key] = creator
+            while len(self._creators) > self._max:
+                self._creators.popitem(last=False)
+        else:
+            self._creators.move_to_end(key)
         return creator
 
 

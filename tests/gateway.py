@@ -24,9 +24,9 @@ from tests.servers.base import free_ports
 from tests.servers.pki import TestPKI
 
 
-def fast_hash(password: str) -> str:
-    """A bcrypt hash at the lowest cost (tests only)."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+def fast_hash(password: str, cost: int = 4) -> str:
+    """A bcrypt hash, at the lowest cost unless told (tests only)."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
 
 
 class Gateway:
@@ -42,13 +42,15 @@ class Gateway:
         # UNIX socket paths are limited to 107 bytes: trial's folders are too deep.
         self.socket_dir = tempfile.mkdtemp(prefix="mgw-", dir="/tmp")
         self.events = EventLoggingObserver()
+        #: bcrypt cost of the users file (12 is what `mailgwctl hash-password` makes)
+        self.hash_cost = 4
 
     def write_users(self) -> Path:
         path = self.directory / "users.toml"
         lines = []
         for name, (password, policy) in self.users.items():
             lines.append(f"[users.{json.dumps(name)}]")
-            lines.append(f"password_hash = {json.dumps(fast_hash(password))}")
+            lines.append(f"password_hash = {json.dumps(fast_hash(password, self.hash_cost))}")
             if policy:
                 lines.append(f"group_policy = {json.dumps(policy)}")
             lines.append("")
@@ -127,12 +129,16 @@ def start_gateway(
     pki: TestPKI,
     users: dict[str, tuple[str, str | None]],
     pop3s: dict[str, Any] | None,
+    *,
+    hash_cost: int = 4,
+    failure_delay: float = 0.05,
     **sections: Any,
 ) -> Gateway:
     directory = Path(testcase.mktemp()).absolute()
     directory.mkdir(parents=True)
     gateway = Gateway(directory, pki, users)
+    gateway.hash_cost = hash_cost
     testcase.addCleanup(shutil.rmtree, gateway.socket_dir, True)
-    gateway.start(gateway.config_data(pop3s, **sections))
+    gateway.start(gateway.config_data(pop3s, **sections), failure_delay=failure_delay)
     testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(gateway.stop()))
     return gateway

@@ -386,10 +386,14 @@ class ResponderTests(SynchronousTestCase):
         self.assertEqual(failure.value.problems, ["host: missing", "username: missing"])
 
     def test_accountsEdit(self) -> None:
-        """AccountsEdit passes the id and fields."""
+        """AccountsEdit passes the id and fields to the backend; the answer is the
+        edited account, without its password."""
         account = self.successResultOf(self.pair.remote(cmd.AccountsEdit, id="2", fields={"enabled": True}))
-        self.assertEqual(account["account"]["enabled"], True)
-        self.assertNotIn("password", account["account"])
+        self.assertEqual(self.backend.calls, [("accounts_edit", "2", {"enabled": True})])
+        self.assertEqual(
+            account["account"],
+            {"id": "2", "domain": "example.com", "host": "pop.other.net", "username": "info", "enabled": True},
+        )
 
     def test_accountsUnknown(self) -> None:
         """An unknown account id comes back as NoSuchAccount, for every command."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,72 @@ RULES: list[tuple[str, dict[str, Any], list[str]]] = [
         "radiusRetries",
         {"aaa_server_group": with_groups(radius_group(retries=-1))},
         ["aaa_server_group[1].retries: must be at least 0, got -1"],
+    ),
+    # limits against hostile clients [4.10]
+    (
+        "listenBacklogZero",
+        {"gateway": {"listen_backlog": 0}},
+        ["gateway.listen_backlog: must be 1..65535, got 0"],
+    ),
+    (
+        "listenBacklogTooHigh",
+        {"gateway": {"listen_backlog": 65536}},
+        ["gateway.listen_backlog: must be 1..65535, got 65536"],
+    ),
+    (
+        "listenBacklogIsAnInteger",
+        {"gateway": {"listen_backlog": "511"}},
+        ["gateway.listen_backlog: must be an integer, got string"],
+    ),
+    (
+        "maxLoginLineTooShort",
+        {"pop3s": {"max_login_line": 511}},
+        ["pop3s.max_login_line: must be 512..65536, got 511"],
+    ),
+    (
+        "maxLoginLineTooLong",
+        {"imap4s": {"max_login_line": 65537}},
+        ["imap4s.max_login_line: must be 512..65536, got 65537"],
+    ),
+    (
+        "maxLoginLineIsAnInteger",
+        {"smtps": {"max_login_line": 4096.0}},
+        ["smtps.max_login_line: must be an integer, got float"],
+    ),
+    (
+        "maxLoginLiteralNegative",
+        {"imap4s": {"max_login_literal": -1}},
+        ["imap4s.max_login_literal: must be 0..65536, got -1"],
+    ),
+    (
+        "maxLoginLiteralTooLong",
+        {"pop3s": {"max_login_literal": 65537}},
+        ["pop3s.max_login_literal: must be 0..65536, got 65537"],
+    ),
+    (
+        "maxLoginLiteralIsAnInteger",
+        {"smtps": {"max_login_literal": True}},
+        ["smtps.max_login_literal: must be an integer, got boolean"],
+    ),
+    (
+        "maxPendingLocal",
+        {"aaa_server_group": [{"name": "LOCAL", "protocol": "local", "max_pending": -1}]},
+        ["aaa_server_group[0].max_pending: must be at least 0, got -1"],
+    ),
+    (
+        "maxPendingLdap",
+        {"aaa_server_group": with_groups(ldap_group(max_pending=-64))},
+        ["aaa_server_group[1].max_pending: must be at least 0, got -64"],
+    ),
+    (
+        "maxPendingRadiusIsAnInteger",
+        {"aaa_server_group": with_groups(radius_group(max_pending="64"))},
+        ["aaa_server_group[1].max_pending: must be an integer, got string"],
+    ),
+    (
+        "maxPendingPop3IsAnInteger",
+        {"aaa_server_group": with_groups(pop3_group(max_pending=1.5))},
+        ["aaa_server_group[1].max_pending: must be an integer, got float"],
     ),
     (
         "policyLogins",
@@ -739,6 +806,20 @@ VALID: list[tuple[str, dict[str, Any]]] = [
         {"aaa_server_group": with_groups(ldap_group(bind_dn="", bind_password="", group_policy_attribute=""))},
     ),
     ("dfltGrpPolicyRedefined", {"group_policy": [{"name": DEFAULT_GROUP_POLICY, "simultaneous_logins": 1}]}),
+    ("listenBacklogEdges", {"gateway": {"listen_backlog": 1}, "pop3s": {"max_login_line": 512}}),
+    ("loginLimitEdges", {"imap4s": {"max_login_line": 65536, "max_login_literal": 0}}),
+    ("loginLiteralOnEveryProxy", {p: {"max_login_literal": 65536} for p in ("pop3s", "imap4s", "smtps")}),
+    (
+        "maxPendingZeroIsNoLimit",
+        {
+            "aaa_server_group": [
+                {"name": "LOCAL", "protocol": "local", "max_pending": 0},
+                ldap_group(max_pending=0),
+                radius_group(max_pending=0),
+                pop3_group(max_pending=0),
+            ]
+        },
+    ),
 ]
 
 
@@ -867,7 +948,10 @@ class DefaultsTests(SynchronousTestCase):
 
     def test_gateway(self) -> None:
         """[gateway] defaults."""
-        self.assertEqual(self.config.gateway, GatewayConfig(Path("/var/lib/mailgw"), "text", "mailgw", 1))
+        self.assertEqual(
+            self.config.gateway,
+            GatewayConfig(Path("/var/lib/mailgw"), "text", "mailgw", 1, listen_backlog=511),
+        )
 
     def test_tls(self) -> None:
         """[tls] defaults, paths resolved against the configuration folder."""
@@ -938,6 +1022,8 @@ class DefaultsTests(SynchronousTestCase):
                     idle_timeout=1800,
                     default_server=UpstreamServerConfig("127.0.0.1", upstream_port, "starttls", True, None),
                     authorization=CertificateAuthorizationConfig("dn-fields", "CN", "OU"),
+                    max_login_line=4096,
+                    max_login_literal=4096,
                 ),
             )
         self.assertEqual([p.protocol for p in self.config.proxies()], ["pop3s", "imap4s", "smtps"])
@@ -1000,7 +1086,7 @@ class DefaultsTests(SynchronousTestCase):
             check_files=False,
         )
         local, ldap, radius, pop3 = config.aaa_server_groups
-        self.assertEqual(local, LocalGroup("LOCAL", "local", BASE_DIR / "users.toml"))
+        self.assertEqual(local, LocalGroup("LOCAL", "local", BASE_DIR / "users.toml", max_pending=64))
         self.assertEqual(
             ldap,
             LdapGroup(
@@ -1016,16 +1102,23 @@ class DefaultsTests(SynchronousTestCase):
                 group_policy_attribute="memberOf",
                 group_policy_map={},
                 timeout=5,
+                max_pending=64,
             ),
         )
         self.assertEqual(
             radius,
             RadiusGroup(
-                "corp-radius", "radius", (RadiusServer("10.0.0.10", 1812, 1813, Secret("radius-secret")),), 3, 2
+                "corp-radius",
+                "radius",
+                (RadiusServer("10.0.0.10", 1812, 1813, Secret("radius-secret")),),
+                3,
+                2,
+                max_pending=64,
             ),
         )
         self.assertEqual(
-            pop3, Pop3Group("mailserver", "pop3", (Pop3Server("mail.example.com", 110, "starttls"),), False)
+            pop3,
+            Pop3Group("mailserver", "pop3", (Pop3Server("mail.example.com", 110, "starttls"),), False, max_pending=64),
         )
         self.assertIs(config.aaa_group("corp-ldap"), ldap)
         self.assertRaises(KeyError, config.aaa_group, "nope")
@@ -1040,6 +1133,48 @@ class DefaultsTests(SynchronousTestCase):
         group = config.aaa_group("mailserver")
         assert isinstance(group, Pop3Group)
         self.assertEqual(group.servers, (Pop3Server("m", 995, "implicit"),))
+
+
+class LimitTests(SynchronousTestCase):
+    """The limits against hostile clients [4.10] are read where they are set, each on its own."""
+
+    def test_valuesRead(self) -> None:
+        """listen_backlog, each proxy's login limits and each group's max_pending take the configured values."""
+        config = parse_config(
+            merge(
+                base(),
+                {
+                    "gateway": {"listen_backlog": 1024},
+                    "pop3s": {"max_login_line": 1024},
+                    "imap4s": {"max_login_line": 8192, "max_login_literal": 65536},
+                    "smtps": {"max_login_literal": 0},
+                    "aaa_server_group": [
+                        {"name": "LOCAL", "protocol": "local", "max_pending": 0},
+                        ldap_group(max_pending=1),
+                        radius_group(max_pending=2),
+                        pop3_group(max_pending=300),
+                    ],
+                },
+            ),
+            BASE_DIR,
+            check_files=False,
+        )
+        self.assertEqual(config.gateway.listen_backlog, 1024)
+        self.assertEqual(
+            [(p.protocol, p.max_login_line, p.max_login_literal) for p in config.proxies()],
+            [("pop3s", 1024, 4096), ("imap4s", 8192, 65536), ("smtps", 4096, 0)],
+        )
+        self.assertEqual(
+            [(g.protocol, g.max_pending) for g in config.aaa_server_groups],
+            [("local", 0), ("ldap", 1), ("radius", 2), ("pop3", 300)],
+        )
+
+    def test_sampleValues(self) -> None:
+        """The sample shows the defaults."""
+        config = load_config(SAMPLE)
+        self.assertEqual(config.gateway.listen_backlog, 511)
+        self.assertEqual({(p.max_login_line, p.max_login_literal) for p in config.proxies()}, {(4096, 4096)})
+        self.assertEqual({g.max_pending for g in config.aaa_server_groups}, {64})
 
 
 class HelperTests(SynchronousTestCase):
@@ -1323,10 +1458,23 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual((config.admin.manhole, config.admin.metrics, config.sso_pop3.portal), ("", "", ""))
 
     def test_sampleShowsEveryKey(self) -> None:
-        """Every key the parser knows appears in the sample (so the sample documents them all)."""
-        text = SAMPLE.read_text()
-        for key in _all_keys():
-            self.assertIn(f"{key} =", text, key)
+        """
+        Every key the parser knows, at its own key path (each proxy section, each kind of
+        server group), is set in the sample or shown in a commented example line of its
+        section (so the sample documents them all).
+        """
+        known = _known_key_paths()
+        # the recorder works: it sees keys of every level, defaulted ones included
+        for path in (
+            "gateway.listen_backlog",
+            "smtps.max_login_literal",
+            "imap4s.default_server.verify_certificate",
+            "aaa_server_group[local].max_pending",
+            "aaa_server_group[radius].servers[].acct_port",
+            "sso.pop3.radius_accounting[].secret",
+        ):
+            self.assertIn(path, known)
+        self.assertEqual(sorted(known - _sample_key_paths()), [])
 
     def test_syntaxError(self) -> None:
         """A TOML syntax error names the file, the line and the column."""
@@ -1360,23 +1508,120 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual(raised.exception.problems, [f"{path}: line 2: not valid UTF-8"])
 
 
+class _KeyRecorder(Mapping[str, Any]):
+    """
+    A TOML table that records the key path of every key looked up in it, present or not:
+    fed to the parser, it shows which keys the parser knows.
+    """
+
+    def __init__(self, data: Mapping[str, Any], path: str, seen: set[str]) -> None:
+        self._data = {key: _recording(value, _child_path(path, key), seen) for key, value in data.items()}
+        self._path = path
+        self._seen = seen
+
+    def __getitem__(self, key: str) -> Any:
+        self._seen.add(_child_path(self._path, key))
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _child_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _item_path(path: str, item: object) -> str:
+    """The key path of an array item: ``name[]``, and ``aaa_server_group[PROTOCOL]``
+    for a server group, whose keys depend on its protocol."""
+    if path == "aaa_server_group" and isinstance(item, Mapping):
+        return f"{path}[{item.get('protocol')}]"
+    return f"{path}[]"
+
+
+def _recording(value: object, path: str, seen: set[str]) -> object:
+    if isinstance(value, Mapping):
+        return _KeyRecorder(value, path, seen)
+    if isinstance(value, list):
+        return [_recording(item, _item_path(path, item), seen) for item in value]
+    return value
+
+
+def _every_table() -> dict[str, Any]:
+    """A valid configuration with every table the parser reads present, mostly empty
+    (an absent table is not read key by key), and a server group of each protocol."""
+    proxy: dict[str, Any] = {"default_server": {}, "authorization": {}}
+    return {
+        "gateway": {},
+        "tls": {"generate_self_signed": True},
+        "interface": [{}],
+        "pop3s": copy.deepcopy(proxy),
+        "imap4s": copy.deepcopy(proxy),
+        "smtps": copy.deepcopy(proxy),
+        "aaa_server_group": with_groups(ldap_group(), radius_group(), pop3_group()),
+        "group_policy": [{"name": "Staff"}],
+        "poller": {},
+        "sso": {"pop3": {"radius_accounting": [{"host": "10.0.0.2", "secret": "x"}]}},
+        "admin": {},
+    }
+
+
+def _known_key_paths() -> set[str]:
+    """The key paths the parser looks up (``interface[].name``,
+    ``aaa_server_group[radius].servers[].secret``, ...), found by recording them."""
+    seen: set[str] = set()
+    document = _recording(_every_table(), "", seen)
+    assert isinstance(document, Mapping)
+    parse_config(document, BASE_DIR, check_files=False)
+    return seen
+
+
+def _document_key_paths(node: object, path: str = "") -> set[str]:
+    """The key paths of a parsed TOML document, named as :func:`_known_key_paths` names them."""
+    paths: set[str] = set()
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            paths.add(_child_path(path, key))
+            paths |= _document_key_paths(value, _child_path(path, key))
+    elif isinstance(node, list):
+        for item in node:
+            paths |= _document_key_paths(item, _item_path(path, item))
+    return paths
+
+
+_TABLE_HEADER = re.compile(r"\[([A-Za-z0-9_.-]+)\]\s*(#.*)?")
+_COMMENTED_KEY = re.compile(r"#\s*([A-Za-z0-9_-]+\s*=.*)")
+
+
+def _sample_key_paths() -> set[str]:
+    """
+    The key paths the sample shows: those it sets, and those of the commented example
+    lines (``#   radius_accounting = [{ host = ... }]``) in its ``[table]`` sections.
+    """
+    text = SAMPLE.read_text()
+    paths = _document_key_paths(tomllib.loads(text))
+    section: str | None = ""
+    for line in text.splitlines():
+        header = _TABLE_HEADER.fullmatch(line)
+        if header:
+            section = header.group(1)
+        elif line.startswith("[["):
+            section = None  # an array item: which one is not known from the line alone
+        elif section is not None and (example := _COMMENTED_KEY.fullmatch(line)):
+            try:
+                value = tomllib.loads(example.group(1))
+            except tomllib.TOMLDecodeError:
+                continue  # prose that happens to contain "word ="
+            paths |= _document_key_paths(value, section)
+    return paths
+
+
 def _all_keys() -> set[str]:
-    """The key names of a fully populated configuration (from the sample's own groups)."""
-    keys = {
-        "state_dir", "log_format", "node_name", "workers", "certificate", "private_key",
-        "generate_self_signed", "minimum_version", "client_ca", "client_certificate", "name", "address",
-        "management_only", "pop3s", "imap4s", "smtps", "proxy_protocol", "enabled", "port", "starttls_port",
-        "tls_support", "allow_plaintext_auth", "authentication", "authentication_server_group",
-        "authorization_server_group", "accounting_server_group", "default_group_policy",
-        "unauthenticated_session_limit", "username_password_delimiter", "server_delimiter", "allowed_servers",
-        "login_timeout", "idle_timeout", "host", "tls", "verify_certificate", "ca", "username_from_certificate",
-        "primary_dn_field", "secondary_dn_field", "protocol", "users_file", "servers", "start_tls", "bind_dn",
-        "bind_password", "base_dn", "user_filter", "group_policy_attribute", "group_policy_map", "timeout",
-        "auth_port", "acct_port", "secret", "retries", "strip_domain", "simultaneous_logins",
-        "max_session_time", "default_interval", "smtp_host", "smtp_port", "mode", "monitor_interface", "policy",
-        "ttl", "radius_accounting", "portal", "socket", "manhole", "manhole_authorized_keys", "metrics",
-    }  # fmt: skip
-    return keys
+    """The key names the parser knows, at any level."""
+    return {path.rsplit(".", 1)[-1] for path in _known_key_paths()}
 
 
 # --- Properties ---------------------------------------------------------------------------
@@ -1460,6 +1705,23 @@ PORT_KEYS: list[tuple[tuple[str | int, ...], bool]] = [
 ]
 
 
+# Key paths (as nested keys, in _full()) of the limits of [4.10], with their ranges
+# (None: no upper bound).
+LIMIT_KEYS: list[tuple[tuple[str | int, ...], int, int | None]] = [
+    (("gateway", "listen_backlog"), 1, 65535),
+    (("pop3s", "max_login_line"), 512, 65536),
+    (("imap4s", "max_login_line"), 512, 65536),
+    (("smtps", "max_login_line"), 512, 65536),
+    (("pop3s", "max_login_literal"), 0, 65536),
+    (("imap4s", "max_login_literal"), 0, 65536),
+    (("smtps", "max_login_literal"), 0, 65536),
+    (("aaa_server_group", 0, "max_pending"), 0, None),  # local
+    (("aaa_server_group", 1, "max_pending"), 0, None),  # radius
+    (("aaa_server_group", 2, "max_pending"), 0, None),  # pop3
+    (("aaa_server_group", 3, "max_pending"), 0, None),  # ldap
+]
+
+
 def _paths(node: object, prefix: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
     """Every key path of a parsed TOML document (tables' keys and arrays' indexes)."""
     paths: list[tuple[str | int, ...]] = []
@@ -1481,7 +1743,7 @@ def _full() -> dict[str, Any]:
     return merge(
         base(),
         {
-            "aaa_server_group": with_groups(radius_group(), pop3_group()),
+            "aaa_server_group": with_groups(radius_group(), pop3_group(), ldap_group()),
             "sso": {"pop3": {"radius_accounting": [{"host": "10.0.0.2", "secret": "x"}]}},
         },
     )
@@ -1557,6 +1819,21 @@ class PropertyTests(SynchronousTestCase):
         else:
             expected = f"must be 1..65535, got {port}"
         self.assertEqual(problems_of(config), [f"{_key_path(path)}: {expected}"])
+
+    @given(
+        st.sampled_from(LIMIT_KEYS),
+        st.one_of(st.integers(min_value=-2, max_value=70000), st.integers(min_value=-(2**63), max_value=2**63 - 1)),
+    )
+    def test_limitRange(self, limit: tuple[tuple[str | int, ...], int, int | None], value: int) -> None:
+        """A limit inside its range is valid; outside, it is one problem naming the key and the range."""
+        path, minimum, maximum = limit
+        config = _full()
+        _set(config, path, value)
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"{minimum}..{maximum}"
+            self.assertEqual(problems_of(config), [f"{_key_path(path)}: must be {bounds}, got {value}"])
+        else:
+            self.assertEqual(problems_of(config), [])
 
     @given(st.sampled_from(PORT_KEYS))
     def test_portZero(self, port_key: tuple[tuple[str | int, ...], bool]) -> None:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet import reactor, threads
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from mailgw.proxy.registry import SessionInfo
 from tests.gateway import Gateway, deferLater, start_gateway
+from tests.rawclient import SMALL_BUFFER, RawClient
 from tests.servers.base import free_port
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
@@ -37,6 +40,75 @@ POLICIES = [
 
 def in_thread(f: Callable[..., T], *args: Any) -> Any:
     return threads.deferToThread(f, *args)
+
+
+def open_greeted(port: int, context: ssl.SSLContext | None = None) -> RawClient:
+    """A raw client connection (implicit TLS with C{context}) that has read the greeting."""
+    client = RawClient.open(port, context)
+    client.read_line()
+    return client
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether C{predicate} becomes true within C{timeout} seconds (polled)."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return True
+        await deferLater(0.02)
+    return predicate()
+
+
+async def assert_flood_evicts_oldest(
+    testcase: TestCase,
+    gateway: Gateway,
+    protocol: str,
+    open_client: Callable[[], RawClient],
+    count: int,
+    probe: bytes,
+) -> None:
+    """Open C{count} unauthenticated connections one after the other, with the proxy's
+    C{unauthenticated_session_limit} at 2 and one authenticated session open [4.4]:
+    the C{count} - 2 oldest must be closed by the gateway (end of file or reset, never
+    a mere silence), the 2 newest must stay open and answer C{probe}, and the
+    registry must hold the survivors and none of the evicted."""
+    registry = gateway.service.registry  # type: ignore[union-attr]
+    flood: list[RawClient] = []
+
+    def close_all() -> None:
+        for c in flood:
+            c.close()
+
+    testcase.addCleanup(close_all)
+    for _ in range(count):
+        flood.append(await in_thread(open_client))
+    evicted, survivors = flood[:-2], flood[-2:]
+
+    closed = [await in_thread(c.is_closed, 10.0) for c in evicted]
+    testcase.assertEqual(closed, [True] * len(evicted), "the oldest unauthenticated sessions were not closed")
+    still_open = [await in_thread(c.is_open, 1.0) for c in survivors]
+    testcase.assertEqual(still_open, [True, True], "a newer session was closed")
+    for c in survivors:
+        answer = await in_thread(c.command, probe)
+        testcase.assertFalse(answer.startswith((b"-ERR", b"* BYE", b"421")), answer)
+
+    def live() -> set[str]:
+        return {s.client for s in registry.sessions(protocol)}
+
+    evicted_addresses = {c.client_address for c in evicted}
+    # Gone from the registry at once, or at the latest when the close completes.
+    await wait_for(lambda: not (live() & evicted_addresses))
+    testcase.assertEqual(live() & evicted_addresses, set(), "evicted sessions are still registered")
+    testcase.assertLessEqual({c.client_address for c in survivors}, live())
+    states = sorted(s.state.value for s in registry.sessions(protocol))
+    testcase.assertEqual(states, ["authenticated", "unauthenticated", "unauthenticated"])
+
+
+def assert_discarded(testcase: TestCase, gateway: Gateway, count: int) -> None:
+    """The gateway logged that C{count} bytes pipelined after STARTTLS were discarded,
+    and nobody logged in [4.1]."""
+    discarded = [e.get("count") for e in gateway.events if "pipelined after STARTTLS" in str(e.get("log_format"))]
+    testcase.assertEqual(discarded, [count])
+    testcase.assertEqual([e for e in gateway.events if "logged in as" in str(e.get("log_format"))], [])
 
 
 class POP3IntegrationBase(TestCase):
@@ -148,25 +220,25 @@ class CurlAndPoplibTests(POP3IntegrationBase):
 
     async def test_pipelinedAfterStlsDiscarded(self) -> None:
         """Commands pipelined after STLS in the same write are not executed: after
-        the handshake the first answer is to the client's next command."""
+        the handshake the first answer is to the client's next command, nobody logs
+        in, and the log says how many bytes were discarded."""
         port = self.gateway.port(implicit=False)
-        context = self.client_context()
+        injected = b"USER alice\r\nPASS alice-mail\r\n"
 
         def inject() -> tuple[bytes, bytes]:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
-                reader = raw.makefile("rb")
-                reader.readline()  # greeting
-                raw.sendall(b"STLS\r\nUSER alice\r\nPASS alice-mail\r\n")
-                stls_answer = reader.readline()
-                with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                    tls.sendall(b"NOOP\r\n")
-                    first = tls.makefile("rb").readline()
-                return stls_answer, first
+            client = open_greeted(port)
+            try:
+                client.send(b"STLS\r\n" + injected)
+                stls_answer = client.read_line()
+                client.start_tls(self.client_context())
+                return stls_answer, client.command(b"NOOP")
+            finally:
+                client.close()
 
         stls_answer, first = await in_thread(inject)
-        self.assertTrue(stls_answer.startswith(b"+OK"))
+        self.assertTrue(stls_answer.startswith(b"+OK"), stls_answer)
         self.assertEqual(first, b"-ERR Not logged in.\r\n")
-        self.assertEqual([e for e in self.gateway.events if "logged in as" in str(e.get("log_format"))], [])
+        assert_discarded(self, self.gateway, len(injected))
 
     async def test_vpnSyntaxSplitPasswords(self) -> None:
         """vpnuser:mailuser@server with vpnpass:mailpass: VPN user checked by the
@@ -305,32 +377,16 @@ class SessionRulesTests(POP3IntegrationBase):
     pop3s_options = {"unauthenticated_session_limit": 2}
 
     async def test_floodKeepsAuthenticatedSession(self) -> None:
-        """With unauthenticated_session_limit = 2, a flood of new connections closes
-        the oldest unauthenticated ones and never the authenticated session."""
-        context = self.client_context()
-        port = self.gateway.port()
+        """With unauthenticated_session_limit = 2, a flood of six connections closes
+        exactly the four oldest unauthenticated ones (their clients read end of file,
+        the registry forgets them); the two newest stay open and answer, and the
+        authenticated session goes on."""
         client = await in_thread(self.pop3s)
         await in_thread(client.user, "alice")
         await in_thread(client.pass_, "alice-mail")
-
-        def open_raw() -> ssl.SSLSocket:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-            tls = context.wrap_socket(raw, server_hostname="localhost")
-            tls.recv(100)  # greeting
-            return tls
-
-        flood = [await in_thread(open_raw) for _ in range(6)]
-        self.addCleanup(lambda: [s.close() for s in flood])
-
-        def closed(s: ssl.SSLSocket) -> bool:
-            s.settimeout(10)
-            try:
-                return s.recv(100) == b""
-            except OSError:
-                return True
-
-        self.assertTrue(await in_thread(closed, flood[0]))
-        self.assertTrue(await in_thread(closed, flood[3]))
+        await assert_flood_evicts_oldest(
+            self, self.gateway, "pop3", lambda: open_greeted(self.gateway.port(), self.client_context()), 6, b"CAPA"
+        )
         stat = await in_thread(client.stat)
         self.assertEqual(stat[0], len(self.messages))
         await in_thread(client.quit)
@@ -353,11 +409,57 @@ class SessionRulesTests(POP3IntegrationBase):
         self.assertEqual(reactor.running, True)
 
 
-def buffered(transport: Any) -> int:
-    """Bytes a Twisted TCP transport holds for writing (test introspection)."""
-    tcp = getattr(transport, "transport", None) or transport
-    offset = getattr(tcp, "offset", 0)
-    return int(len(tcp.dataBuffer) - offset + tcp._tempDataLen)
+#: what a relay may hold for a peer that does not read: kernel buffers on both sides
+#: plus Twisted's write buffer -- far less than the 10 MB message the tests move
+STALL_BOUND = 1024 * 1024
+
+
+def tcp_of(transport: Any) -> FileDescriptor:
+    """The TCP connection under a transport (a TLSMemoryBIOProtocol wraps one)."""
+    while not isinstance(transport, FileDescriptor):
+        transport = transport.transport
+    return transport
+
+
+def reading(transport: Any) -> bool:
+    """Whether the reactor reads from the TCP connection under C{transport}."""
+    return tcp_of(transport) in reactor.getReaders()  # type: ignore[attr-defined]
+
+
+def shrink_send_buffer(transport: Any) -> None:
+    """Give the gateway's socket under C{transport} a small kernel send buffer (it is
+    autotuned up to C{net.ipv4.tcp_wmem}, megabytes that would hide a missing pause)."""
+    tcp_of(transport).socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)  # type: ignore[attr-defined]
+
+
+def relay_of(gateway: Gateway, protocol: str) -> tuple[SessionInfo, Any]:
+    """The one relaying session of C{protocol} and its relay."""
+    sessions = [
+        s
+        for s in gateway.service.registry.sessions(protocol)  # type: ignore[union-attr]
+        if getattr(s.owner, "relay", None) is not None
+    ]
+    assert len(sessions) == 1, sessions
+    return sessions[0], sessions[0].owner.relay  # type: ignore[attr-defined,union-attr]
+
+
+async def assert_stalled(testcase: TestCase, relayed: Callable[[], int], source: Any, total: int) -> None:
+    """The receiving side stopped reading [4.6]: two seconds later the bytes relayed
+    towards it (C{relayed}) no longer grow, stay far below the C{total} to send, and the
+    gateway no longer reads from the sending side (the transport C{source}), which is
+    still connected.  Without flow control the gateway would read everything."""
+    await deferLater(2.0)
+    settled = relayed()
+    await deferLater(0.5)
+    testcase.assertEqual(relayed(), settled, "the gateway keeps relaying to a side that does not read")
+    testcase.assertLess(settled, min(STALL_BOUND, total // 2), "the gateway buffered what the peer did not read")
+    testcase.assertTrue(tcp_of(source).connected)
+    testcase.assertFalse(reading(source), "the gateway keeps reading from the sending side")
+
+
+def unstuff(lines: bytes) -> bytes:
+    """A POP3 multi-line body (without its terminating dot line), dot-unstuffed."""
+    return b"".join(line[1:] if line.startswith(b"..") else line for line in lines.splitlines(keepends=True))
 
 
 class FlowControlTests(POP3IntegrationBase):
@@ -367,56 +469,34 @@ class FlowControlTests(POP3IntegrationBase):
         again, the message arrives complete and byte-identical."""
         big_index = max(range(len(self.messages)), key=lambda i: len(self.messages[i]))
         expected = self.messages[big_index]
-        context = self.client_context()
         port = self.gateway.port()
-        tls = await in_thread(
-            lambda: context.wrap_socket(
-                socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname="localhost"
-            )
-        )
-        self.addCleanup(tls.close)
-        reader = tls.makefile("rb")
 
-        def login_and_request() -> None:
-            reader.readline()
-            tls.sendall(b"USER alice\r\nPASS alice-mail\r\n")
-            reader.readline()
-            reader.readline()
-            tls.sendall(b"RETR %d\r\n" % (big_index + 1))
+        def login() -> RawClient:
+            # A small receive buffer: the kernel must not swallow the message either.
+            client = RawClient.open(port, self.client_context(), timeout=60, receive_buffer=SMALL_BUFFER)
+            client.read_line()
+            client.send(b"USER alice\r\nPASS alice-mail\r\n")
+            client.read_line()
+            client.read_line()
+            return client
 
-        await in_thread(login_and_request)
-        sessions = self.gateway.service.registry.sessions("pop3")  # type: ignore[union-attr]
-        relay = sessions[0].owner.relay  # type: ignore[attr-defined,union-attr]
-        upstream_tcp = relay._server
-        client_transport = relay._client
-        paused = False
-        most = 0
-        for _ in range(500):
-            await deferLater(0.01)
-            most = max(most, buffered(client_transport))
-            if upstream_tcp not in reactor.getReaders():  # type: ignore[attr-defined]
-                paused = True
-                break
-        self.assertTrue(paused, "the gateway kept reading from the mail server")
-        for _ in range(20):
-            await deferLater(0.01)
-            most = max(most, buffered(client_transport))
-        self.assertLess(most, 2 * 1024 * 1024)
-        self.assertLess(sessions[0].bytes_to_client, len(expected))
+        client: RawClient = await in_thread(login)
+        self.addCleanup(client.close)
+        info, relay = relay_of(self.gateway, "pop3")
+        shrink_send_buffer(relay._client)
+        await in_thread(client.send, b"RETR %d\r\n" % (big_index + 1))
+        await assert_stalled(self, lambda: info.bytes_to_client, relay._server, len(expected))
 
-        def read_all() -> bytes:
-            status = reader.readline()
-            assert status.startswith(b"+OK"), status
-            lines = []
-            while True:
-                line = reader.readline()
-                if line == b".\r\n":
-                    break
-                lines.append(line[1:] if line.startswith(b"..") else line)
-            tls.sendall(b"QUIT\r\n")
-            return b"".join(lines)
+        def read_all() -> tuple[bytes, bytes]:
+            status = client.read_line()
+            body = client.read_until(b"\r\n.\r\n")[: -len(b".\r\n")]
+            client.command(b"QUIT")
+            return status, unstuff(body)
 
-        self.assertEqual(await in_thread(read_all), expected)
+        status, body = await in_thread(read_all)
+        self.assertTrue(status.startswith(b"+OK"), status)
+        self.assertEqual(len(body), len(expected))
+        self.assertEqual(body, expected)
 
 
 class ProxyProtocolTests(TestCase):

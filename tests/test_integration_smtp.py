@@ -3,19 +3,31 @@ to a capturing sink) behind the gateway; curl, smtplib and raw sockets in front.
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.gateway import Gateway, deferLater, start_gateway
+from tests.gateway import Gateway, start_gateway
+from tests.rawclient import RawClient, StallingPipe
 from tests.servers.dovecot import Dovecot, big_message
 from tests.servers.pki import TestPKI
-from tests.test_integration_pop3 import POLICIES, buffered, in_thread
+from tests.test_integration_pop3 import (
+    POLICIES,
+    assert_discarded,
+    assert_flood_evicts_oldest,
+    assert_stalled,
+    in_thread,
+    open_greeted,
+    relay_of,
+    shrink_send_buffer,
+)
 
 MAIL_USERS = {"alice": "alice-mail", "bob": "bob-mail"}
 VPN_USERS: dict[str, tuple[str, str | None]] = {"alice": ("alice-mail", None), "jdoe": ("jdoe-vpn", None)}
@@ -121,33 +133,32 @@ class SubmitTests(SMTPIntegrationBase):
         messages = await in_thread(self.received)
         self.assertEqual(without_trace(messages[0].data), MESSAGE)
 
-    async def test_bigMessage(self) -> None:
-        """A 10 MB message relays with the gateway's buffers bounded and arrives
-        byte-identical."""
-        message = big_message()
-        state = {"done": False}
+    async def test_pipelinedAfterStarttlsDiscarded(self) -> None:
+        """An EHLO and an AUTH pipelined after STARTTLS in the same write are not
+        executed: after the handshake the first answer is to the client's next
+        command, nobody logs in, and the log says how many bytes were discarded."""
+        port = self.gateway.port("smtps", implicit=False)
+        injected = b"EHLO evil\r\nAUTH PLAIN " + base64.b64encode(b"\0alice\0alice-mail") + b"\r\n"
 
-        def send() -> None:
-            client = self.smtps()
+        def inject() -> tuple[bytes, bytes]:
+            client = open_greeted(port)
             try:
-                client.login("alice", "alice-mail")
-                client.sendmail("alice@example.com", ["bob@example.com"], message)
+                client.send(b"EHLO test\r\n")
+                client.read_until(b"\r\n250 ")
+                client.read_line()
+                client.send(b"STARTTLS\r\n" + injected)
+                starttls_answer = client.read_line()
+                client.start_tls(self.context())
+                first = client.command(b"NOOP")
+                client.command(b"QUIT")
+                return starttls_answer, first
             finally:
-                state["done"] = True
-                client.quit()
+                client.close()
 
-        sending = in_thread(send)
-        most = 0
-        while not state["done"]:
-            for session in self.gateway.service.registry.sessions("smtp"):  # type: ignore[union-attr]
-                relay = session.owner.relay  # type: ignore[attr-defined,union-attr]
-                if relay is not None:
-                    most = max(most, buffered(relay._server), buffered(relay._client))
-            await deferLater(0.005)
-        await sending
-        messages = await in_thread(self.received)
-        self.assertEqual(without_trace(messages[0].data), message)
-        self.assertLess(most, 2 * 1024 * 1024)
+        starttls_answer, first = await in_thread(inject)
+        self.assertTrue(starttls_answer.startswith(b"220 "), starttls_answer)
+        self.assertEqual(first, b"250 2.0.0 OK\r\n")
+        assert_discarded(self, self.gateway, len(injected))
 
     async def test_wrongPasswords(self) -> None:
         """A wrong VPN password and a wrong mail password each get 535."""
@@ -240,19 +251,66 @@ class BadInputTests(SMTPIntegrationBase):
         await in_thread(client.quit)
 
     async def test_floodKeepsAuthenticatedSession(self) -> None:
-        """The non-authenticated session limit holds for SMTP."""
+        """The non-authenticated session limit holds for SMTP: a flood of five
+        connections closes exactly the three oldest unauthenticated ones (end of file,
+        gone from the registry); the two newest stay open and answer, and the
+        logged-in session goes on."""
         client = await in_thread(self.smtps)
         await in_thread(client.login, "alice", "alice-mail")
-        flood = [await in_thread(self.raw) for _ in range(5)]
-        self.addCleanup(lambda: [tls.close() for tls, _ in flood])
-
-        def closed(reader: Any) -> bool:
-            try:
-                return bool(reader.read() == b"")
-            except OSError:
-                return True
-
-        self.assertTrue(await in_thread(closed, flood[0][1]))
+        port = self.gateway.port("smtps")
+        await assert_flood_evicts_oldest(
+            self, self.gateway, "smtp", lambda: open_greeted(port, self.context()), 5, b"NOOP"
+        )
         code, _ = await in_thread(client.noop)
         self.assertEqual(code, 250)
         await in_thread(client.quit)
+
+
+class FlowControlTests(SMTPIntegrationBase):
+    async def test_bigMessageStalledServerPausesClient(self) -> None:
+        """A mail server that stops reading the DATA of a 10 MB message makes the
+        gateway stop reading from the client instead of buffering it; when the server
+        reads again, the message is accepted and arrives byte-identical."""
+        assert self.dovecot.submission_port is not None
+        pipe = StallingPipe(reactor, self.dovecot.submission_port)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(pipe.stop()))
+        gateway = self.start(
+            {
+                "authentication": ["aaa", "mailhost"],
+                "default_server": {
+                    "host": "127.0.0.1",
+                    "port": pipe.port,
+                    "tls": "starttls",
+                    "ca": str(self.dovecot.ca_path),
+                },
+            }
+        )
+        port = gateway.port("smtps")
+        message = big_message()
+        auth = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0alice-mail")
+
+        def login_and_start_data() -> RawClient:
+            client = open_greeted(port, self.context())
+            client.send(b"EHLO test\r\n")
+            client.read_until(b"\r\n250 ")
+            client.read_line()
+            for line in (auth, b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.com>", b"DATA"):
+                answer = client.command(line)
+                assert answer[:1] in (b"2", b"3"), (line, answer)
+            return client
+
+        client: RawClient = await in_thread(login_and_start_data)
+        self.addCleanup(client.close)
+        info, relay = relay_of(gateway, "smtp")
+        shrink_send_buffer(relay._server)
+        pipe.stall()
+        stuffed = message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+        sending = in_thread(client.send, stuffed)
+        await assert_stalled(self, lambda: info.bytes_from_client, relay._client, len(message))
+        pipe.resume()
+        await sending
+        accepted = await in_thread(client.read_line)
+        self.assertTrue(accepted.startswith(b"250 "), accepted)
+        await in_thread(client.command, b"QUIT")
+        messages = await in_thread(self.received)
+        self.assertEqual(without_trace(messages[0].data), message)

@@ -106,14 +106,84 @@ class IMAP4DialogueTests(SynchronousTestCase):
         self.assertEqual(answers(transport), [b"x NO [AUTHENTICATIONFAILED] Authentication failed."])
 
     def test_hugeLiteralRefused(self) -> None:
-        """A literal announcing 2 GB before login is refused at once."""
+        """A literal announcing 2 GB before login is refused at once with
+        BAD [TOOBIG], nothing allocated; the next command works."""
         harness = imap_harness()
         session, transport = harness.connect()
         answers(transport)
         session.dataReceived(b"a LOGIN {2147483648}\r\n")
-        lines = answers(transport)
-        self.assertTrue(lines[0].startswith(b"a BAD"), lines)
+        self.assertEqual(answers(transport), [b"a BAD [TOOBIG] Literal too big."])
         self.assertLess(session.reader.buffered, 100)
+        session.dataReceived(b"b NOOP\r\n")
+        self.assertEqual(answers(transport), [b"b OK NOOP completed."])
+
+    def test_literalOverLimitTooBig(self) -> None:
+        """A literal one octet over the pre-login limit gets BAD [TOOBIG] and no '+'
+        (tagged, or untagged without a valid tag); a smaller one is asked for."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        limit = harness.env.proxy.max_login_literal
+        session.dataReceived(b"a LOGIN alice {%d}\r\n" % (limit + 1))
+        self.assertEqual(answers(transport), [b"a BAD [TOOBIG] Literal too big."])
+        session.dataReceived(b"* LOGIN alice {99999999999}\r\n")
+        self.assertEqual(answers(transport), [b"* BAD [TOOBIG] Literal too big."])
+        self.assertLess(session.reader.buffered, 100)
+        session.dataReceived(b"b LOGIN alice {%d}\r\n" % (limit // 2))
+        self.assertEqual(answers(transport), [b"+ Ready for literal data"])
+
+    def test_invalidLiteralSyntax(self) -> None:
+        """Invalid literal syntax is refused with a tagged BAD (untagged without a
+        valid tag), never a '+', nothing allocated; the next command works."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        for marker in [b"{abc}", b"{-1}", b"{ 5}", b"{5x}", b"{}"]:
+            session.dataReceived(b"a LOGIN alice " + marker + b"\r\nb NOOP\r\n")
+            self.assertEqual(
+                answers(transport),
+                [b"a BAD Invalid command: invalid literal size.", b"b OK NOOP completed."],
+                marker,
+            )
+            self.assertEqual(session.reader.buffered, 0)
+        session.dataReceived(b"(x LOGIN alice {abc}\r\nb NOOP\r\n")
+        self.assertEqual(answers(transport), [b"* BAD Invalid command: invalid literal size.", b"b OK NOOP completed."])
+        self.assertFalse(transport.disconnecting)
+
+    def test_invalidNonSynchronizingLiteralCloses(self) -> None:
+        """A {…+} with an invalid size cannot be skipped: BAD, BYE, and the connection closes."""
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN alice {abc+}\r\nb NOOP\r\n")
+        self.assertEqual(
+            answers(transport), [b"a BAD Invalid command: invalid literal size.", b"* BYE Invalid literal."]
+        )
+        self.assertTrue(transport.disconnecting)
+        harness = imap_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"a LOGIN alice {99999999999+}\r\nb NOOP\r\n")
+        self.assertEqual(answers(transport), [b"a BAD [TOOBIG] Literal too big.", b"* BYE Invalid literal."])
+        self.assertTrue(transport.disconnecting)
+
+    def test_limitsFromConfiguration(self) -> None:
+        """The pre-login line and literal limits are the proxy's C{max_login_line}
+        and C{max_login_literal} (default 4096 each)."""
+        self.assertEqual((make_config().imap4s.max_login_line, make_config().imap4s.max_login_literal), (4096, 4096))
+        harness = POP3Harness(
+            make_config(imap4s={"max_login_line": 512, "max_login_literal": 16}),
+            protocol="imap4s",
+            session_class=IMAP4Session,
+        )
+        session, transport = harness.connect()
+        answers(transport)
+        self.assertEqual((session.reader.max_line, session.reader.max_literal), (512, 16))
+        session.dataReceived(b"a LOGIN alice {17}\r\nb NOOP " + b"x" * 512 + b"\r\nc LOGIN alice {16}\r\n")
+        self.assertEqual(
+            answers(transport),
+            [b"a BAD [TOOBIG] Literal too big.", b"* BAD Line too long.", b"+ Ready for literal data"],
+        )
 
     def test_upstreamUnavailable(self) -> None:
         """An unreachable server gives NO [UNAVAILABLE] at once."""
@@ -204,6 +274,28 @@ class SMTPDialogueTests(SynchronousTestCase):
         answers(transport)
         session.dataReceived(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\n")
         self.assertEqual(answers(transport)[-1], b"530 5.7.0 Authentication required")
+
+    def test_lineTooLongEndsAuthExchange(self) -> None:
+        """An over-long line in answer to an AUTH continuation (PLAIN, or either LOGIN
+        step) gets 500 5.5.6 and ends the exchange: the next EHLO is a command."""
+        harness = smtp_harness()
+        session, transport = harness.connect()
+        answers(transport)
+        session.dataReceived(b"EHLO c\r\n")
+        answers(transport)
+        long_line = b"A" * 20000 + b"\r\n"
+        for start in [b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH LOGIN " + base64.b64encode(b"alice") + b"\r\n"]:
+            session.dataReceived(start)
+            self.assertTrue(answers(transport)[0].startswith(b"334 "), start)
+            session.dataReceived(long_line + b"EHLO c\r\n")
+            lines = answers(transport)
+            self.assertEqual(lines[0], b"500 5.5.6 Authentication Exchange line is too long", start)
+            self.assertEqual(lines[1], b"250-mailgw at your service", start)
+            self.assertIn(b"250 AUTH PLAIN LOGIN", lines)
+        self.assertEqual(harness.connector.targets, [])
+        # Outside an exchange, the ordinary answer.
+        session.dataReceived(long_line)
+        self.assertEqual(answers(transport), [b"500 5.5.2 Line too long"])
 
     def test_authFailedAndCancelled(self) -> None:
         """A wrong password gets 535 after the delay; '*' cancels with 501."""

@@ -96,6 +96,9 @@ class POP3Harness:
         session = self.session_class(self.env, implicit_tls=implicit_tls)
         transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", port))
         session.makeConnection(transport)
+        if implicit_tls:
+            # What TLSMemoryBIOProtocol tells the session once the handshake is done.
+            session.handshakeCompleted()
         return session, transport
 
 
@@ -126,14 +129,14 @@ class PreLoginTests(SynchronousTestCase):
         self.assertIs(session.info.state, SessionState.UNAUTHENTICATED)
 
     def test_capaOnImplicitTLS(self) -> None:
-        """CAPA over TLS lists USER and SASL PLAIN but not STLS."""
+        """CAPA over TLS lists USER and SASL PLAIN LOGIN but not STLS."""
         session, transport = self.harness.connect()
         answers(transport)
         session.dataReceived(b"CAPA\r\n")
         lines = answers(transport)
         self.assertEqual(lines[0][:3], b"+OK")
         self.assertIn(b"USER", lines)
-        self.assertIn(b"SASL PLAIN", lines)
+        self.assertIn(b"SASL PLAIN LOGIN", lines)
         self.assertNotIn(b"STLS", lines)
         self.assertEqual(lines[-1], b".")
 
@@ -478,6 +481,121 @@ class LoginTests(SynchronousTestCase):
         upstream = login_upstream(self.harness)
         upstream.connectionLost()
         self.assertTrue(transport.disconnecting)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class SaslTests(SynchronousTestCase):
+    """AUTH PLAIN and AUTH LOGIN exchanges: continuations, cancelling, bad input."""
+
+    def setUp(self) -> None:
+        self.harness = POP3Harness(make_config())
+        self.session, self.transport = self.harness.connect()
+        answers(self.transport)
+
+    def send(self, data: bytes) -> list[bytes]:
+        self.session.dataReceived(data)
+        return answers(self.transport)
+
+    def test_authListing(self) -> None:
+        """AUTH without arguments lists PLAIN and LOGIN."""
+        self.assertEqual(self.send(b"AUTH\r\n"), [b"+OK Supported mechanisms follow.", b"PLAIN", b"LOGIN", b"."])
+
+    def test_authLoginContinuations(self) -> None:
+        """AUTH LOGIN asks for the user name and the password in base64 and logs in
+        with them; the session is authenticating from the first step."""
+        self.assertEqual(self.send(b"AUTH LOGIN\r\n"), [b"+ VXNlcm5hbWU6"])
+        assert self.session.info is not None
+        self.assertIs(self.session.info.state, SessionState.AUTHENTICATING)
+        self.assertEqual(self.send(b64(b"alice") + b"\r\n"), [b"+ UGFzc3dvcmQ6"])
+        self.assertEqual(self.send(b64(b"alice-pw") + b"\r\n"), [])
+        upstream = login_upstream(self.harness)
+        self.assertEqual(answers(self.transport), [b"+OK Logged in."])
+        wire = upstream.transport
+        assert isinstance(wire, TLSStringTransport)
+        self.assertEqual(wire.value(), b"USER alice\r\nPASS alice-pw\r\n")
+
+    def test_authLoginInitialResponse(self) -> None:
+        """AUTH LOGIN with the user name as initial response asks for the password only."""
+        self.assertEqual(self.send(b"auth login " + b64(b"alice") + b"\r\n"), [b"+ UGFzc3dvcmQ6"])
+        self.send(b64(b"alice-pw") + b"\r\n")
+        login_upstream(self.harness)
+        self.assertEqual(answers(self.transport), [b"+OK Logged in."])
+
+    def test_authLoginWrongPassword(self) -> None:
+        """A wrong AUTH LOGIN password gets the ordinary failure after the delay."""
+        self.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b64(b"wrong") + b"\r\n"), [])
+        self.harness.clock.advance(1)
+        self.assertEqual(answers(self.transport), [b"-ERR [AUTH] Authentication failed."])
+
+    def test_authLoginCancelled(self) -> None:
+        """'*' cancels AUTH LOGIN at either step; the next line is a command again."""
+        self.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(self.send(b"*\r\nNOOP\r\n"), [b"-ERR Authentication cancelled.", b"-ERR Not logged in."])
+        self.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b"*\r\n" + b64(b"alice-pw") + b"\r\n")[0], b"-ERR Authentication cancelled.")
+        self.assertEqual(self.send(b"AUTH LOGIN *\r\n"), [b"-ERR Authentication cancelled."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_authLoginBadBase64(self) -> None:
+        """Bad base64 or an empty user name at any AUTH LOGIN step gets a clear -ERR at
+        once, ends the exchange, and nothing reaches the upstream."""
+        self.assertEqual(self.send(b"AUTH LOGIN !!!\r\n"), [b"-ERR Invalid base64 in the SASL LOGIN user name."])
+        self.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(
+            self.send(b"YWxpY2U\r\nNOOP\r\n"),
+            [b"-ERR Invalid base64 in the SASL LOGIN user name.", b"-ERR Not logged in."],
+        )
+        self.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(self.send(b"=\r\n"), [b"-ERR Invalid SASL LOGIN user name."])
+        self.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(
+            self.send(b"cGFzcw=\r\nNOOP\r\n"),
+            [b"-ERR Invalid base64 in the SASL LOGIN password.", b"-ERR Not logged in."],
+        )
+        self.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b64(b"\xff\xfe") + b"\r\n"), [b"-ERR Invalid SASL LOGIN password."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_authPlainCancelled(self) -> None:
+        """'*' cancels AUTH PLAIN; the next line is a command again."""
+        self.send(b"AUTH PLAIN\r\n")
+        self.assertEqual(self.send(b"*\r\nNOOP\r\n"), [b"-ERR Authentication cancelled.", b"-ERR Not logged in."])
+
+    def test_unsupportedMechanism(self) -> None:
+        """Other mechanisms are refused."""
+        self.assertEqual(self.send(b"AUTH CRAM-MD5\r\n"), [b"-ERR Unsupported authentication mechanism."])
+
+    def test_lineTooLongEndsPlainContinuation(self) -> None:
+        """An over-long line in answer to AUTH PLAIN's '+ ' ends the exchange: the
+        client gets -ERR, and the next CAPA is a command, not a SASL response."""
+        self.assertEqual(self.send(b"AUTH PLAIN\r\n"), [b"+ "])
+        lines = self.send(b"A" * 5000 + b"\r\nCAPA\r\n")
+        self.assertEqual(lines[:2], [b"-ERR Line too long, authentication cancelled.", b"+OK Capability list follows"])
+        self.assertEqual(lines[-1], b".")
+        # A PLAIN response sent now is not taken as one.
+        self.assertEqual(self.send(b64(b"\x00alice\x00alice-pw") + b"\r\n"), [b"-ERR Invalid command."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_lineTooLongEndsLoginContinuation(self) -> None:
+        """An over-long line at either AUTH LOGIN step ends the exchange; the user name
+        given before it is forgotten."""
+        self.send(b"AUTH LOGIN\r\n")
+        lines = self.send(b"A" * 5000 + b"\r\nCAPA\r\n")
+        self.assertEqual(lines[:2], [b"-ERR Line too long, authentication cancelled.", b"+OK Capability list follows"])
+        self.send(b"AUTH LOGIN " + b64(b"alice") + b"\r\n")
+        lines = self.send(b"A" * 5000 + b"\r\nCAPA\r\n")
+        self.assertEqual(lines[:2], [b"-ERR Line too long, authentication cancelled.", b"+OK Capability list follows"])
+        self.assertEqual(self.send(b64(b"alice-pw") + b"\r\n"), [b"-ERR Invalid command."])
+        self.assertEqual(self.harness.connector.targets, [])
+        self.assertEqual(self.session._login_user, "")
+
+    def test_lineTooLongOutsideSasl(self) -> None:
+        """Outside a SASL exchange the over-long line answer is unchanged."""
+        self.assertEqual(self.send(b"A" * 5000 + b"\r\nNOOP\r\n"), [b"-ERR Line too long.", b"-ERR Not logged in."])
 
 
 class SessionLimitTests(SynchronousTestCase):

@@ -45,15 +45,19 @@ class ProxyHeaderTests(SynchronousTestCase):
 
     def test_v1SplitByteByByte(self) -> None:
         """A v1 header split into single bytes starts the session with the client's
-        address; the bytes after it reach the session."""
+        address once its last byte is in, not before; the bytes after it reach the
+        session."""
         recorder, _transport, _ = self.connect()
-        for byte in b"PROXY TCP4 203.0.113.9 127.0.0.1 40001 995\r\nCAPA\r\n":
-            self.assertIsNone(recorder.peer)
+        header = b"PROXY TCP4 203.0.113.9 127.0.0.1 40001 995\r\n"
+        started_after = []
+        for index, byte in enumerate(header + b"CAPA\r\n"):
             self.wrapper.dataReceived(bytes([byte]))
-            if recorder.peer is not None:
-                break
-        self.wrapper.dataReceived(b"")
+            started_after.append(recorder.peer is not None)
+            self.assertEqual(recorder.data, (header + b"CAPA\r\n")[len(header) : index + 1])
+        self.assertEqual(started_after.index(True), len(header) - 1)
+        self.assertTrue(all(started_after[len(header) - 1 :]))
         self.assertEqual(recorder.peer, IPv4Address("TCP", "203.0.113.9", 40001))
+        self.assertEqual(recorder.data, b"CAPA\r\n")
 
     def test_v1WithData(self) -> None:
         """Data in the same read as the header is passed on after connectionMade."""

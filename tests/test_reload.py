@@ -19,11 +19,12 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from tests.gateway import Gateway, deferLater, start_gateway
+from tests.rawclient import RawClient
 from tests.servers.base import free_port, port_accepts
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
 from tests.test_daemon import TwistdBase
-from tests.test_integration_pop3 import POLICIES, VPN_USERS, in_thread
+from tests.test_integration_pop3 import POLICIES, VPN_USERS, in_thread, open_greeted
 
 
 def probe(port: int) -> bool:
@@ -59,7 +60,11 @@ class ReloadTests(TestCase):
 
     async def test_validChangeApplied(self) -> None:
         """A new listener appears, a removed one goes, a policy change applies to new
-        logins, and an established relay keeps working throughout."""
+        logins, and an established relay keeps working throughout.
+
+        The change: DfltGrpPolicy gets max_session_time = 1 s.  A login after the
+        reload is closed by the gateway a second later; the session logged in
+        before it, under the old policy, outlives that."""
         client = await in_thread(self.logged_in)
         data = copy.deepcopy(self.data)
         imap_port = free_port()
@@ -70,15 +75,34 @@ class ReloadTests(TestCase):
             "default_server": {"host": "127.0.0.1", "port": self.dovecot.imap_port, "tls": "none"},
         }
         data["pop3s"]["tls_support"] = "required"  # the STARTTLS port goes away
+        data["group_policy"] = [
+            {**policy, "max_session_time": 1} if policy["name"] == "DfltGrpPolicy" else policy
+            for policy in data["group_policy"]
+        ]
         self.gateway.write_config(data)
         self.assertEqual(self.service.reload(), [])
         self.assertTrue(await in_thread(probe, imap_port))
         self.assertFalse(await in_thread(probe, self.data["pop3s"]["starttls_port"]))
+        self.assertEqual(self.service.config.imap4s.port, imap_port)
+        self.assertEqual(self.service.config.group_policy("DfltGrpPolicy").max_session_time, 1)  # type: ignore[union-attr]
+
+        context = ssl.create_default_context(cafile=str(self.pki.ca_path))
+
+        def new_login() -> RawClient:
+            other = open_greeted(self.gateway.port(), context)
+            other.send(b"USER alice\r\nPASS alice-mail\r\n")
+            other.read_line()
+            answer = other.read_line()
+            assert answer.startswith(b"+OK"), answer
+            return other
+
+        other: RawClient = await in_thread(new_login)
+        self.addCleanup(other.close)
+        self.assertTrue(await in_thread(other.is_closed, 10.0), "the new policy's max_session_time did not apply")
+        self.assertIn("max_session_time 1s reached", self.gateway.reasons())
+        # The established relay is past the new limit and still works.
         stat = await in_thread(client.stat)
         self.assertGreater(stat[0], 0)
-        self.assertEqual(self.service.config.imap4s.port, imap_port)
-        other = await in_thread(self.logged_in)
-        await in_thread(other.quit)
         await in_thread(client.quit)
 
     async def test_invalidChangeRefused(self) -> None:

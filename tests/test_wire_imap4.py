@@ -254,23 +254,62 @@ class LiteralLimitTests(SynchronousTestCase):
     """Literal announcements the client controls: refused before anything is allocated."""
 
     def test_refusedSynchronizing(self) -> None:
-        """A refused {n} gives TooBig with no continuation; the next line is a new command."""
+        """A {n} too big gives TooBig with no continuation; the next line is a new command."""
         cases = [
-            (b"{-100}", "invalid literal size"),
-            (b"{99999999999}", "invalid literal size"),
-            (b"{4294967296}", "invalid literal size"),
-            (b"{abc}", "invalid literal size"),
-            (b"{}", "invalid literal size"),
-            (b"{ 5}", "invalid literal size"),
-            (b"{5-}", "invalid literal size"),
+            (b"{99999999999}", "literal too big"),
+            (b"{4294967296}", "literal too big"),
+            (b"{" + b"9" * 5000 + b"}", "literal too big"),
             (b"{2147483648}", "literal too big"),
             (b"{4294967295}", "literal too big"),
             (b"{65537}", "literal too big"),
-            (b"~{5}", "literal8 not allowed before login"),
+            (b"{00000000000000065537}", "literal too big"),
         ]
         for marker, reason in cases:
             data = b"a LOGIN " + marker + b"\r\nb NOOP\r\n"
             self.assertEqual(events_for(data), [TooBig("a", reason), Command("b", "NOOP", ())], data)
+
+    def test_invalidLiteralSyntax(self) -> None:
+        """A {…} whose size is not ASCII digits is a BadCommand, not TooBig, with no
+        continuation and nothing allocated; the next line is a new command.  So is a
+        literal8 before login.  Without a valid tag the BadCommand has none."""
+        cases = [
+            b"{abc}",
+            b"{-1}",
+            b"{-100}",
+            b"{ 5}",
+            b"{5 }",
+            b"{5x}",
+            b"{x5}",
+            b"{}",
+            b"{5-}",
+            b"{+5}",
+            b"{\xd9\xa5}",  # an Arabic-Indic digit: not ASCII
+            b"{0x10}",
+        ]
+        for marker in cases:
+            data = b"a LOGIN " + marker + b"\r\nb NOOP\r\n"
+            expected = [BadCommand("a", "invalid literal size"), Command("b", "NOOP", ())]
+            self.assertEqual(events_for(data), expected, data)
+            reader = CommandReader()
+            reader.append(b"a LOGIN " + marker + b"\r\n")
+            self.assertEqual(drain(reader), expected[:1])
+            self.assertEqual(reader.buffered, 0)
+            self.assertEqual(len(reader._literal), 0)
+        self.assertEqual(
+            events_for(b"a LOGIN ~{5}\r\nb NOOP\r\n"),
+            [BadCommand("a", "literal8 not allowed before login"), Command("b", "NOOP", ())],
+        )
+        self.assertEqual(
+            events_for(b"*x LOGIN {abc}\r\nb NOOP\r\n"),
+            [BadCommand(None, "invalid literal size"), Command("b", "NOOP", ())],
+        )
+
+    def test_leadingZeros(self) -> None:
+        """A size is a number: leading zeros are allowed and do not count against it."""
+        self.assertEqual(
+            events_for(b"a LOGIN {000000000000003+}\r\nabc pw\r\n"),
+            [login("a", "abc", "pw")],
+        )
 
     def test_limitBoundaries(self) -> None:
         """A literal of exactly max_literal octets is accepted, one more is refused."""
@@ -291,7 +330,9 @@ class LiteralLimitTests(SynchronousTestCase):
         data = b"a LOGIN {30+}\r\n" + junk + b" {4+}\r\ny\r\nz more\r\nb NOOP\r\n"
         self.assertEqual(events_for(data, max_literal=16), [TooBig("a", "literal too big"), Command("b", "NOOP", ())])
         data = b"a LOGIN ~{4+}\r\n\x00\x00\x00\x00\r\nb NOOP\r\n"
-        self.assertEqual(events_for(data), [TooBig("a", "literal8 not allowed before login"), Command("b", "NOOP", ())])
+        self.assertEqual(
+            events_for(data), [BadCommand("a", "literal8 not allowed before login"), Command("b", "NOOP", ())]
+        )
         # A synchronizing literal in the rest of the command ends it: no data follows.
         data = b"a LOGIN {20+}\r\n" + b"z" * 20 + b" {3}\r\nb NOOP\r\n"
         self.assertEqual(events_for(data, max_literal=16), [TooBig("a", "literal too big"), Command("b", "NOOP", ())])
@@ -303,21 +344,34 @@ class LiteralLimitTests(SynchronousTestCase):
         self.assertEqual(events_for(data), [BadCommand(None, "invalid tag"), Command("d", "NOOP", ())])
 
     def test_unknownSizeNonSynchronizingIsFatal(self) -> None:
-        """A {…+} whose size is not a number cannot be skipped: TooBig is fatal, the reader
+        """A {…+} whose size is not a valid number cannot be skipped: the event is fatal
+        (BadCommand for invalid syntax, TooBig for a number over 4294967295), the reader
         stops and drops whatever follows."""
-        for marker in [b"{abc+}", b"{-1+}", b"{99999999999+}", b"{+}", b"~{x+}"]:
+        cases = [
+            (b"{abc+}", BadCommand, "invalid literal size"),
+            (b"{-1+}", BadCommand, "invalid literal size"),
+            (b"{5x+}", BadCommand, "invalid literal size"),
+            (b"{ 5+}", BadCommand, "invalid literal size"),
+            (b"{+}", BadCommand, "invalid literal size"),
+            (b"{5++}", BadCommand, "invalid literal size"),
+            (b"~{x+}", BadCommand, "literal8 not allowed before login"),
+            (b"{99999999999+}", TooBig, "literal too big"),
+            (b"{4294967296+}", TooBig, "literal too big"),
+        ]
+        for marker, kind, reason in cases:
             reader = CommandReader()
             reader.append(b"a LOGIN " + marker + b"\r\nb NOOP\r\n")
             event = reader.next_event()
-            assert isinstance(event, TooBig)
-            self.assertEqual((event.tag, event.fatal), ("a", True), marker)
+            self.assertEqual(event, kind("a", reason, fatal=True), marker)
             self.assertTrue(reader.failed)
             reader.append(b"c NOOP\r\n" * 1000)
             self.assertIsNone(reader.next_event())
             self.assertEqual(reader.buffered, 0)
         # Also when found while skipping the rest of a refused command.
         events = events_for(b"a LOGIN {20+}\r\n" + b"z" * 20 + b" {abc+}\r\nb NOOP\r\n", max_literal=16)
-        self.assertEqual(events, [TooBig("a", "literal too big"), TooBig("a", "invalid literal size", fatal=True)])
+        self.assertEqual(events, [TooBig("a", "literal too big"), BadCommand("a", "invalid literal size", fatal=True)])
+        events = events_for(b"a LOGIN {20+}\r\n" + b"z" * 20 + b" {99999999999+}\r\nb NOOP\r\n", max_literal=16)
+        self.assertEqual(events, [TooBig("a", "literal too big"), TooBig("a", "literal too big", fatal=True)])
 
     def test_maxCommand(self) -> None:
         """A command whose lines and literals exceed max_command gives TooBig; with a
@@ -648,6 +702,17 @@ class ProxyFlowTests(SynchronousTestCase):
         self.assertRaises(ValueError, CommandReader, max_line=0)
         self.assertRaises(ValueError, CommandReader, max_literal=-1)
         self.assertRaises(ValueError, CommandReader, max_command=0)
+
+    def test_limitsAreParameters(self) -> None:
+        """The line and literal limits are constructor parameters, with the module's
+        defaults when not given."""
+        reader = CommandReader()
+        self.assertEqual((reader.max_line, reader.max_literal), (imap4.DEFAULT_MAX_LINE, imap4.DEFAULT_MAX_LITERAL))
+        self.assertEqual((imap4.DEFAULT_MAX_LINE, imap4.DEFAULT_MAX_LITERAL), (8192, 64 * 1024))
+        reader = CommandReader(max_line=100, max_literal=4096)
+        self.assertEqual((reader.max_line, reader.max_literal), (100, 4096))
+        reader.append(b"a LOGIN {4097}\r\nb LOGIN {4096}\r\n")
+        self.assertEqual(drain(reader), [TooBig("a", "literal too big"), NeedContinuation("b")])
 
 
 class AnswerTests(SynchronousTestCase):

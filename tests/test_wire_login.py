@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,11 +21,16 @@ _DNS_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9
 delimiter_pairs = st.sampled_from([(":", "@"), ("#", "%"), ("/", "@"), ("%", "#"), ("::", "@@")])
 
 
+#: Unicode categories a username must not contain: controls, invisible format characters,
+#: line and paragraph separators, lone surrogates.
+FORBIDDEN_CATEGORIES = ("Cc", "Cf", "Zl", "Zp", "Cs")
+
+
 def _part(delimiters: tuple[str, str], *, allow: str = "", min_size: int = 0) -> st.SearchStrategy[str]:
-    """Text free of control characters and of the delimiters' characters."""
+    """Text free of control and invisible characters and of the delimiters' characters."""
     banned = set("".join(delimiters)) - set(allow)
     return st.text(
-        alphabet=st.characters(exclude_categories=["Cc", "Cs"], exclude_characters="".join(banned)),
+        alphabet=st.characters(exclude_categories=["Cc", "Cf", "Zl", "Zp", "Cs"], exclude_characters="".join(banned)),
         min_size=min_size,
         max_size=15,
     )
@@ -166,6 +172,14 @@ class ParseLoginTests(SynchronousTestCase):
         ("alice@mail\r\n.example.com", "pw"),
         ("vpn:alice@mail.example.com\x00", "pw"),
         ("alice\ud800", "pw"),
+        # Invisible format characters and line or paragraph separators.
+        ("alice\u202e", "pw"),
+        ("ad\u200bmin", "pw"),
+        ("\ufeffalice", "pw"),
+        ("alice\u00ad", "pw"),
+        ("vpn\u2028:alice", "pw"),
+        ("vpn:alice\u2029", "pw"),
+        ("alice@mail\u200d.example.com", "pw"),
         # NUL, CR, LF in the password.
         ("alice", "pw\r\nDELE 1"),
         ("alice", "p\x00w"),
@@ -304,7 +318,7 @@ class ParseLoginTests(SynchronousTestCase):
         except LoginSyntaxError:
             return
         for name in (request.vpn_user, request.mail_user, request.server or ""):
-            self.assertFalse([c for c in name if unicodedata.category(c) in ("Cc", "Cs")])
+            self.assertFalse([c for c in name if unicodedata.category(c) in FORBIDDEN_CATEGORIES])
         for secret in (request.vpn_password, request.mail_password):
             self.assertFalse(set(secret) & {"\x00", "\r", "\n"})
         self.assertTrue(request.vpn_user)
@@ -326,6 +340,67 @@ class ParseLoginTests(SynchronousTestCase):
         """A username holding CR, LF, NUL or another control character is always refused."""
         with self.assertRaises(LoginSyntaxError):
             parse_login(before + bad + after, password)
+
+    def test_invisibleCharacterNamed(self) -> None:
+        """The error names an invisible or control character by its code point and its
+        kind, never raw."""
+        cases = [
+            ("alice\u202e", "user name contains the invisible character U+202E"),
+            ("\u200balice", "user name contains the invisible character U+200B"),
+            ("alice\ufeff@mail.example.com", "user name contains the invisible character U+FEFF"),
+            ("vpn\u2028:alice", "user name contains the line separator U+2028"),
+            ("vpn:alice\u2029", "user name contains the paragraph separator U+2029"),
+            ("alice\r\n", "user name contains the control character U+000D"),
+            ("alice\x85", "user name contains the control character U+0085"),
+            ("alice\ud800", "user name contains the lone surrogate U+D800"),
+        ]
+        for username, message in cases:
+            with self.assertRaises(LoginSyntaxError) as caught:
+                parse_login(username, "pw")
+            self.assertEqual(str(caught.exception), message)
+
+    @given(
+        before=usernames,
+        after=usernames,
+        bad=st.characters(categories=["Cc", "Cf", "Zl", "Zp"]),
+        password=st.text(max_size=10),
+        delimiters=delimiter_pairs,
+    )
+    def test_invisibleNeverSurvive(
+        self, before: str, after: str, bad: str, password: str, delimiters: tuple[str, str]
+    ) -> None:
+        """A username holding a control character, an invisible format character or a
+        line or paragraph separator anywhere (VPN user, mail user or server) is always
+        refused, and the message does not hold the character."""
+        user_delimiter, server_delimiter = delimiters
+        with self.assertRaises(LoginSyntaxError) as caught:
+            parse_login(
+                before + bad + after, password, user_delimiter=user_delimiter, server_delimiter=server_delimiter
+            )
+        message = str(caught.exception)
+        self.assertTrue(message.startswith("user name contains the "), message)
+        self.assertFalse([c for c in message if unicodedata.category(c) in FORBIDDEN_CATEGORIES])
+
+    @given(
+        generated=requests(),
+        position=st.sampled_from(["vpn_user", "mail_user"]),
+        bad=st.sampled_from(
+            ["\u202e", "\u200b", "\ufeff", "\u2028", "\u2029", "\u00ad", "\u2066", "\x00", "\r", "\x1b"]
+        ),
+    )
+    def test_invisibleInAnyPart(self, generated: tuple[LoginRequest, tuple[str, str]], position: str, bad: str) -> None:
+        """A login that parses cleanly is refused once a forbidden character is put into
+        its VPN user or mail user: names without them parse as before."""
+        request, (user_delimiter, server_delimiter) = generated
+        username, password = format_login(request, user_delimiter=user_delimiter, server_delimiter=server_delimiter)
+        self.assertEqual(
+            parse_login(username, password, user_delimiter=user_delimiter, server_delimiter=server_delimiter), request
+        )
+        value = getattr(request, position)
+        tainted = replace(request, **{position: value[:1] + bad + value[1:]})
+        username, password = format_login(tainted, user_delimiter=user_delimiter, server_delimiter=server_delimiter)
+        with self.assertRaises(LoginSyntaxError):
+            parse_login(username, password, user_delimiter=user_delimiter, server_delimiter=server_delimiter)
 
     @given(username=st.text(alphabet="abc:@.[]1", max_size=20), password=st.text(max_size=10))
     def test_serverIsSuffix(self, username: str, password: str) -> None:

@@ -11,8 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailgw.wire.errors import BadBase64, ProtocolError
 from mailgw.wire.sasl import (
     CANCEL,
+    LOGIN_PASSWORD_CHALLENGE,
+    LOGIN_USERNAME_CHALLENGE,
     decode_b64,
     decode_login_item,
+    decode_login_username,
     decode_plain,
     encode_b64,
     encode_plain,
@@ -172,3 +175,42 @@ class LoginItemTests(SynchronousTestCase):
     def test_strictAgreesWithStandardLibrary(self, data: bytes) -> None:
         """Canonical base64 of any bytes decodes to those bytes."""
         self.assertEqual(decode_b64(base64.b64encode(data) or b"="), data)
+
+
+class LoginUsernameTests(SynchronousTestCase):
+    """decode_login_username: the first AUTH LOGIN answer, never empty."""
+
+    def test_knownAnswers(self) -> None:
+        """A base64 username decodes; the challenges are base64 'Username:'/'Password:'."""
+        self.assertEqual(decode_login_username(b"dXNlcg=="), "user")
+        self.assertEqual(decode_login_username(b"asO2cmc="), "jörg")
+        self.assertEqual(base64.b64decode(LOGIN_USERNAME_CHALLENGE), b"Username:")
+        self.assertEqual(base64.b64decode(LOGIN_PASSWORD_CHALLENGE), b"Password:")
+
+    def test_errors(self) -> None:
+        """Bad base64 raises BadBase64; non-UTF-8 and the empty username ('=', '')
+        raise ProtocolError; so does CANCEL, which callers check first."""
+        for data in BAD_BASE64:
+            self.assertRaises(BadBase64, decode_login_username, data)
+        for data in [b"=", b"", base64.b64encode(b"\xff\xfe")]:
+            self.assertRaises(ProtocolError, decode_login_username, data)
+
+    @given(text=st.text(min_size=1, max_size=60))
+    def test_roundTrip(self, text: str) -> None:
+        """encode_b64 then decode_login_username gives any non-empty username back."""
+        self.assertEqual(decode_login_username(encode_b64(text)), text)
+
+    @given(data=b64ish)
+    def test_onlyProtocolError(self, data: bytes) -> None:
+        """Arbitrary bytes give a non-empty username or raise ProtocolError, never
+        anything else, and agree with decode_login_item."""
+        try:
+            username = decode_login_username(data)
+        except ProtocolError:
+            try:
+                self.assertEqual(decode_login_item(data), "")
+            except ProtocolError:
+                pass
+            return
+        self.assertTrue(username)
+        self.assertEqual(username, decode_login_item(data))

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailgw.auth.limits import FairPool, PendingLimit
 from mailgw.auth.portal import AAAUnavailable, AuthenticatedUser
 from mailgw.config import LdapGroup
 
@@ -434,8 +435,11 @@ class LdapChecker:
     @param group: the group's configuration.
     @param reactor: the reactor (for L{deferToThreadPool}).
     @param threadpool: where every ldap3 call runs; it must be started (and stopped by
-        its owner, after L{close}).
+        its owner, after L{close}).  A L{FairPool} in front of it shares it fairly
+        between client addresses, drops the work of clients that went away before it
+        starts, and holds the group's C{limit} place until an ldap3 call really ends.
     @param pool_size: idle service-account connections kept per server.
+    @param limit: the group's C{max_pending} [4.10].
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -445,14 +449,21 @@ class LdapChecker:
         self,
         group: LdapGroup,
         reactor: Any,
-        threadpool: ThreadPool,
+        threadpool: ThreadPool | FairPool,
         *,
         pool_size: int = DEFAULT_POOL_SIZE,
+        limit: PendingLimit | None = None,
     ) -> None:
         self.group = group
         self.group_name = group.name
         self._reactor = reactor
-        self._threadpool = threadpool
+        if isinstance(threadpool, FairPool):
+            self._pool = threadpool
+            self._threadpool = threadpool.threadpool
+        else:
+            self._threadpool = threadpool
+            self._pool = FairPool(reactor, threadpool, concurrency=max(1, threadpool.max), name=f"ldap {group.name}")
+        self._limit = limit
         self._directory = _Directory(group, pool_size)
         for server in self._directory.servers:
             if not server.encrypted:
@@ -488,15 +499,16 @@ class LdapChecker:
             raise UnauthorizedLogin("empty user name")
         if not password:
             raise UnauthorizedLogin("empty password")
-        found = await deferToThreadPool(
-            self._reactor, self._threadpool, self._directory.authenticate, name, password, None
-        )
+        key = str(getattr(credentials, "client_ip", ""))
+        found = await self._pool.run(key, self._directory.authenticate, name, password, None, limit=self._limit)
         return AuthenticatedUser(name=name, server_group=self.group_name, ldap_policies=found.policies)
 
     async def _authorize(self, username: str, secondary: str | None) -> AuthenticatedUser:
         if not username:
             raise UnauthorizedLogin("empty user name")
-        found = await deferToThreadPool(self._reactor, self._threadpool, self._directory.authorize, username, secondary)
+        found = await self._pool.run(
+            "", self._directory.authorize, username, secondary, limit=self._limit
+        )
         return AuthenticatedUser(
             name=username, server_group=self.group_name, ldap_policies=found.policies, secondary=secondary
         )

@@ -1,7 +1,9 @@
 """The ``local`` server group: users and password hashes from a TOML users file.
 
-Hashes are verified in a thread pool (bcrypt/argon2 cost tens of milliseconds of CPU,
-which must never run on the reactor thread).  An unknown user costs the same as a wrong
+Hashes are verified in the password-hashing thread pool, through a L{FairPool} keyed by
+the client address (bcrypt/argon2 cost tens to hundreds of milliseconds of CPU, which
+must never run on the reactor thread, and one guessing address must not delay the
+others [4.10]).  An unknown user costs the same as a wrong
 password, so the answer time does not tell which user names exist.
 """
 
@@ -14,11 +16,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailgw.auth.limits import FairPool, PendingLimit
 from mailgw.auth.passwords import verify_password
 from mailgw.auth.portal import AuthenticatedUser
 from mailgw.auth.users import LocalUser, load_users_file
@@ -39,17 +40,20 @@ class LocalUsersChecker:
         self,
         group_name: str,
         users: dict[str, LocalUser],
-        reactor: Any,
-        threadpool: ThreadPool,
+        pool: FairPool,
+        limit: PendingLimit | None = None,
     ) -> None:
         self.group_name = group_name
         self._users = users
-        self._reactor = reactor
-        self._threadpool = threadpool
+        self._pool = pool
+        #: the group's max_pending [4.10], held until a hash check really ends
+        self._limit = limit
 
     @classmethod
-    def from_file(cls, group_name: str, path: Path, reactor: Any, threadpool: ThreadPool) -> LocalUsersChecker:
-        return cls(group_name, load_users_file(path), reactor, threadpool)
+    def from_file(
+        cls, group_name: str, path: Path, pool: FairPool, limit: PendingLimit | None = None
+    ) -> LocalUsersChecker:
+        return cls(group_name, load_users_file(path), pool, limit)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthenticatedUser]:  # type: ignore[override]
         return defer.Deferred.fromCoroutine(self._check(credentials))
@@ -61,7 +65,9 @@ class LocalUsersChecker:
         password = raw_password.decode("utf-8", "replace") if isinstance(raw_password, bytes) else str(raw_password)
         user = self._users.get(name)
         stored = user.password_hash if user is not None else _DECOY_HASH
-        ok = await deferToThreadPool(self._reactor, self._threadpool, verify_password, stored, password)
+        # Fairness key: the client address where the credentials carry it.
+        key = str(getattr(credentials, "client_ip", ""))
+        ok = await self._pool.run(key, verify_password, stored, password, limit=self._limit)
         if user is None:
             raise UnauthorizedLogin(f"unknown user in local group {self.group_name!r}")
         if not ok:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from zope.interface import Interface, implementer
@@ -69,6 +70,18 @@ class LoginContext:
     default_group_policy: str
     method: str = "aaa"
     extra: Mapping[str, str] = field(default_factory=dict)
+
+
+class ClientCredentials(UsernamePassword):
+    """A user name and password, with the client address they came from (the
+    fairness key of the password-hashing pool [4.10]; never part of the check)."""
+
+    def __init__(self, username: bytes, password: bytes, client_ip: str) -> None:
+        super().__init__(username, password)
+        self.client_ip = client_ip
+
+    def __repr__(self) -> str:
+        return f"<ClientCredentials for {self.username!r} from {self.client_ip}>"
 
 
 def policy_from_radius_class(value: str) -> str | None:

@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import typing
 from abc import ABCMeta, abstractmethod
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from twisted.internet import defer
+from OpenSSL import SSL
+from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from mailgw.auth.limits import PenaltyTable
 from mailgw.auth.radius import AccountingSession, RadiusAccounting, TerminateCause
 from mailgw.config import InterfaceConfig, ProxyConfig
+from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics
 from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
-from mailgw.proxy.relay import IRelayStage, Relay
-from mailgw.tls import peer_certificate, set_nodelay
+from mailgw.proxy.relay import IRelayStage, Relay, cancel_timer, close_transport
+from mailgw.tls import peer_certificate, set_nodelay, ssl_error_text
 from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -32,6 +42,10 @@ from mailgw.wire.login import LoginRequest, parse_login
 
 #: protocol errors before the connection is closed [4.5]
 MAX_ERRORS = 10
+
+#: longest TLS handshake accepted (implicit TLS and after STARTTLS); never longer
+#: than the proxy's C{login_timeout} [4.1]
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class InputBuffer(typing.Protocol):
@@ -64,47 +78,73 @@ class ProxyEnvironment:
     accounting: RadiusAccounting | None = None
     #: Prometheus series [8.3]
     metrics: Metrics | None = None
+    #: the failure penalty per client address [4.10], shared by the proxies
+    penalty: PenaltyTable | None = None
+    #: every session whose connections are not all gone yet (shared by the proxies;
+    #: a graceful stop waits for it to empty)
+    connections: LiveConnections[ProxySession] | set[ProxySession] = field(default_factory=set)
 
 
 class ProxyFactory(Factory):
-    """Builds the sessions of one proxy on one listening port."""
+    """Builds the sessions of one proxy on one listening port.
+
+    C{environment} is the proxy's environment, or a callable returning the current
+    one (the service's, replaced on each reload): each session keeps the environment
+    it was built with.
+    """
 
     noisy = False
 
     def __init__(
         self,
-        environment: ProxyEnvironment,
+        environment: ProxyEnvironment | Callable[[], ProxyEnvironment],
         session_class: type[ProxySession],
         *,
         interface: InterfaceConfig,
         implicit_tls: bool,
     ) -> None:
-        self.environment = environment
+        if isinstance(environment, ProxyEnvironment):
+            fixed = environment
+            self.current: Callable[[], ProxyEnvironment] = lambda: fixed
+        else:
+            self.current = environment
         self.session_class = session_class
         self.interface = interface
         self.implicit_tls = implicit_tls
 
+    @property
+    def environment(self) -> ProxyEnvironment:
+        """The environment new sessions get."""
+        return self.current()
+
     def buildProtocol(self, addr: Any) -> Protocol:
-        session = self.session_class(self.environment, implicit_tls=self.implicit_tls)
+        session = self.session_class(self.current(), implicit_tls=self.implicit_tls)
         session.factory = self
         return session
 
 
+@implementer(IHandshakeListener)
 class ProxySession(Protocol, metaclass=ABCMeta):
-    """One client connection of a proxy, from connect to the end of the relay."""
+    """One client connection of a proxy, from connect to the end of the relay.
+
+    It keeps the L{ProxyEnvironment} it was built with until it ends: a reload
+    gives new sessions a new environment, never this one [3].
+    """
 
     log = Logger()
 
     #: the protocol's name in the registry and logs ("pop3", "imap4", "smtp")
     protocol_name: ClassVar[str]
-    #: longest command line accepted before login
-    max_line: ClassVar[int] = 8192
+    #: longest command line accepted before login: the proxy's C{max_login_line}
+    max_line: int = 4096
     #: the login client for the upstream server
     upstream_class: ClassVar[type[UpstreamProtocol]]
 
     def __init__(self, environment: ProxyEnvironment, *, implicit_tls: bool) -> None:
         self.env = environment
         self.proxy = environment.proxy
+        # Pre-login input is sized for what a login needs [4.10].
+        self.max_line = environment.proxy.max_login_line
         self.implicit_tls = implicit_tls
         self.tls_active = implicit_tls
         self.input = self.make_input()
@@ -114,15 +154,26 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.relay: Relay | None = None
         self._busy = False
         self._closing = False
+        self._lost = False
+        self._in_registry = False
+        #: a TLS handshake is under way (implicit TLS, or after STARTTLS)
+        self._handshaking = False
+        self._banner_sent = False
+        #: bytes received while a login is under way (bounded, then reading pauses)
+        self._held = 0
+        self._paused = False
         self._login_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
         self._failure_timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
         self._pending: defer.Deferred[None] | None = None
         self._upstream: UpstreamProtocol | None = None
         self._idle_timeout = 0.0
         self._terminate_cause: str = TerminateCause.USER_REQUEST
         self._accounted: AccountingSession | None = None
+        self._vpn_user: str | None = None
 
     # -- connection life --------------------------------------------------------------
 
@@ -133,6 +184,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         client = f"{self.client_ip}:{getattr(peer, 'port', 0)}"
         registry = self.env.registry
         self.info = info = registry.open(self.protocol_name, client, self)
+        self._in_registry = True
+        self.env.connections.add(self)
         set_nodelay(self.transport)
         self.log.info(
             "New {protocol} session {session_id} from {client}",
@@ -145,11 +198,45 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 f"unauthenticated_session_limit {self.proxy.unauthenticated_session_limit} reached"
                 f" ({victim.state.value} session closed for new session {info.session_id})"
             )
-        self._login_timer = self.env.clock.callLater(self.proxy.login_timeout, self._login_timed_out)
-        self.greet()
+        clock = self.env.clock
+        self._login_timer = clock.callLater(self.proxy.login_timeout, self._login_timed_out)
+        if self.implicit_tls:
+            # The greeting goes out once the handshake is done [4.1].
+            self._start_handshake_timer()
+        else:
+            self._banner_sent = True
+            self.greet()
+
+    def _start_handshake_timer(self) -> None:
+        self._handshaking = True
+        timeout = min(HANDSHAKE_TIMEOUT, float(self.proxy.login_timeout))
+        self._handshake_timer = self.env.clock.callLater(timeout, self._handshake_timed_out, timeout)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (L{IHandshakeListener}): greet on the
+        implicit-TLS port."""
+        self._handshaking = False
+        cancel_timer(self._handshake_timer)
+        self._handshake_timer = None
+        if not self._banner_sent and not self._closing:
+            self._banner_sent = True
+            self.greet()
+
+    def _handshake_timed_out(self, timeout: float) -> None:
+        self._handshake_timer = None
+        self._end(b"", f"TLS handshake not completed within {timeout:g}s")
 
     def dataReceived(self, data: bytes) -> None:
         self.input.append(data)
+        if self._busy:
+            # A login is under way: hold what follows (pipelined commands), but only
+            # so much; reading stays on otherwise, so a client that goes away is
+            # noticed and its pending AAA work cancelled [4.10].
+            self._held += len(data)
+            if self._held > 2 * self.max_line and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            return
         self.process_input()
 
     def process_input(self) -> None:
@@ -177,20 +264,27 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._handshaking and reason.check(SSL.Error) and self.info is not None:
+            self.log.info(
+                "Session {session_id}: TLS handshake failed: {reason}",
+                session_id=self.info.session_id,
+                protocol=self.protocol_name,
+                client=self.info.client,
+                reason=ssl_error_text(reason.value) if isinstance(reason.value, SSL.Error) else str(reason.value),
+            )
         self._closing = True
-        for timer in (self._login_timer, self._idle_timer, self._session_timer, self._failure_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        self._lost = True
+        self._cancel_timers()
+        cancel_timer(self._abort_timer)
         if self._pending is not None:
             self._pending.cancel()
         if self.relay is not None:
-            self.relay.close()
+            self.relay.client_lost()
         elif self._upstream is not None and self._upstream.transport is not None:
-            self._upstream.transport.loseConnection()
+            self._upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        self._leave_registry()
+        self._forget_if_gone()
         if self.info is not None:
-            self.env.registry.close(self.info)
-            if self.env.metrics is not None:
-                self.env.metrics.session_closed(self.info)
             if self._accounted is not None and self.env.accounting is not None:
                 # Sent however the session ended, the client vanishing included [5.4].
                 self.env.accounting.stop(
@@ -211,36 +305,79 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 bytes_to_client=self.info.bytes_to_client,
             )
 
+    def _cancel_timers(self) -> None:
+        for timer in (
+            self._login_timer,
+            self._idle_timer,
+            self._session_timer,
+            self._failure_timer,
+            self._handshake_timer,
+        ):
+            cancel_timer(timer)
+        self._login_timer = self._idle_timer = self._session_timer = None
+        self._failure_timer = self._handshake_timer = None
+
+    def _leave_registry(self) -> None:
+        """The session no longer counts anywhere (registry, metrics, limits) [4.1]."""
+        if self._in_registry and self.info is not None:
+            self._in_registry = False
+            self.info.closing = True
+            self.env.registry.close(self.info)
+            if self.env.metrics is not None:
+                self.env.metrics.session_closed(self.info)
+
+    def _forget_if_gone(self) -> None:
+        """Both connections are gone: the session no longer holds the gateway."""
+        if self._lost and (self.relay is None or self.relay.server_gone):
+            self.env.connections.discard(self)
+
     def terminate(self, reason: str, cause: str = TerminateCause.ADMIN_RESET) -> None:
         """Close this session (both sides) for C{reason}: used by the session limit,
         simultaneous logins, timeouts and the admin channel.  C{cause} goes into the
-        accounting Stop."""
+        accounting Stop.  The client gets the protocol's goodbye."""
         if self._closing:
             return
-        self._closing = True
         self._terminate_cause = cause
-        assert self.info is not None
-        self.info.closing = True
-        self.log.info(
-            "Closing session {session_id}: {reason}",
-            session_id=self.info.session_id,
-            protocol=self.protocol_name,
-            user=self.info.user,
-            reason=reason,
-        )
-        if self.relay is not None:
-            self.relay.close()
-        elif self.transport is not None:
-            self.transport.loseConnection()
+        self._end(self.answer_closing(), reason)
 
     def close_with(self, answer: bytes) -> None:
         """Send a last answer and close."""
-        if self.transport is not None:
-            self.transport.write(answer)
-            self.transport.loseConnection()
+        self._end(answer, None)
+
+    def _end(self, answer: bytes, reason: str | None) -> None:
+        """The one way the gateway closes a session [4.1]: the protocol's last
+        words, the TLS close alert, and an abort if the connection is not gone
+        within L{CLOSE_GRACE} seconds; the session leaves the registry at once."""
+        if self._closing:
+            return
         self._closing = True
-        if self.info is not None:
-            self.info.closing = True
+        if reason is not None and self.info is not None:
+            self.log.info(
+                "Closing session {session_id}: {reason}",
+                session_id=self.info.session_id,
+                protocol=self.protocol_name,
+                user=self.info.user,
+                reason=reason,
+            )
+        self._cancel_timers()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        self._leave_registry()
+        if self.relay is not None:
+            self.relay.close(answer)
+            return
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if self._handshaking:
+            # No TLS yet: nothing can be said, and a polite close would wait for a
+            # handshake that may never come.
+            transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        if answer:
+            transport.write(answer)
+        self._abort_timer = close_transport(transport, self.env.clock)
 
     # -- for the protocol subclasses -------------------------------------------------
 
@@ -271,6 +408,11 @@ class ProxySession(Protocol, metaclass=ABCMeta):
     @abstractmethod
     def answer_temporary_failure(self) -> bytes:
         """The temporary-failure answer (upstream or AAA servers unavailable)."""
+
+    @abstractmethod
+    def answer_closing(self) -> bytes:
+        """The goodbye when the gateway ends the session (kill, eviction, log-off,
+        timeouts after login): C{* BYE}, C{421}, C{-ERR} [4.1]."""
 
     def make_upstream(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> UpstreamProtocol:
         """The login client for this session's upstream connection."""
@@ -328,6 +470,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             )
         self.transport.startTLS(self.env.server_tls)  # type: ignore[attr-defined]
         self.tls_active = True
+        self._start_handshake_timer()
 
     def username_presented(self) -> None:
         """A username was presented: the session is now authenticating [4.4]."""
@@ -341,7 +484,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         assert self.info is not None and self.transport is not None
         self.username_presented()
         self._busy = True
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._held = 0
         try:
             request = parse_login(
                 username,
@@ -352,6 +495,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         except LoginSyntaxError as e:
             self._login_failed(LoginFailed(f"bad login syntax: {e}", kind="syntax"))
             return
+        self._vpn_user = request.vpn_user
         self._pending = defer.Deferred.fromCoroutine(self._login(request))
         self._pending.addErrback(self._unexpected)
 
@@ -359,36 +503,44 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         assert self.info is not None
         info = self.info
         info.mail_user = request.mail_user
+        env = self.env
+        penalty = env.penalty
+        if penalty is not None:
+            # Guessing costs the guesser: a penalised address waits before any AAA
+            # work is done for it [4.10].
+            delay = penalty.delay(self.client_ip)
+            if delay > 0:
+                await task.deferLater(env.clock, delay, lambda: None)  # type: ignore[arg-type]
         try:
-            target = self.env.gatekeeper.target_for(request)
+            target = env.gatekeeper.target_for(request)
             info.upstream = target.describe()
-            identity = await self.env.gatekeeper.authenticate(
+            identity = await env.gatekeeper.authenticate(
                 info, request, self.client_ip, peer_certificate(self.transport)
             )
         except LoginFailed as e:
             self._login_failed(e)
             return
         try:
-            upstream, answer = await self.env.connector.login(
+            upstream, answer = await env.connector.login(
                 target, self.make_upstream, request.mail_user, request.mail_password
             )
         except UpstreamError as e:
-            self.env.registry.release_login(info)
+            env.registry.release_login(info)
             self._login_failed(LoginFailed(f"mailhost login: {e.reason}", temporary=e.temporary, kind="mailhost"))
+            return
+        if self._closing:
+            _abort_upstream(upstream)
             return
         if identity is None:
             try:
-                identity = self.env.gatekeeper.mailhost_identity(info, request)
+                identity = env.gatekeeper.mailhost_identity(info, request)
             except LoginFailed as e:
-                if upstream.transport is not None:
-                    upstream.transport.loseConnection()
+                _abort_upstream(upstream)
                 self._login_failed(e)
                 return
         self._pending = None
-        if self._closing:
-            if upstream.transport is not None:
-                upstream.transport.loseConnection()
-            return
+        if penalty is not None:
+            penalty.succeeded(self.client_ip)
         self.log.info(
             "Session {session_id}: {user} logged in as {mail_user} at {upstream} "
             "(group policy {group_policy})",
@@ -400,21 +552,27 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             upstream=info.upstream,
             group_policy=identity.policy.name,
         )
-        if self.env.metrics is not None:
-            self.env.metrics.login_succeeded(self.protocol_name)
+        if env.metrics is not None:
+            env.metrics.login_succeeded(self.protocol_name)
         self._start_relay(upstream, answer, identity.policy.idle_timeout, identity.policy.max_session_time)
 
     def _login_failed(self, failure: LoginFailed) -> None:
         assert self.info is not None
         self._pending = None
+        # One event a fail2ban filter can read [4.10]: the client address first,
+        # before anything the client chose.
         self.log.info(
-            "Session {session_id}: login failed: {reason}",
+            "Login failed from {client_ip} for {user} ({protocol}, session {session_id}): {reason}",
+            event="login_failed",
             session_id=self.info.session_id,
             protocol=self.protocol_name,
             client=self.info.client,
-            user=self.info.mail_user,
+            client_ip=self.client_ip,
+            user=self._vpn_user or "-",
+            mail_user=self.info.mail_user,
             upstream=self.info.upstream,
             reason=failure.reason,
+            temporary=failure.temporary,
         )
         if self.info.state is not SessionState.UNAUTHENTICATED:
             self.env.registry.set_state(self.info, SessionState.UNAUTHENTICATED)
@@ -423,9 +581,16 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         if failure.temporary:
             self._answer_after_failure(self.answer_temporary_failure())
         else:
+            if self.env.penalty is not None:
+                self.env.penalty.failed(self.client_ip)
             self._failure_timer = self.env.clock.callLater(
                 self.env.failure_delay, self._answer_after_failure, self.answer_auth_failed()
             )
+
+    def _resume_input(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _answer_after_failure(self, answer: bytes) -> None:
         self._failure_timer = None
@@ -434,7 +599,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self._busy = False
         self.protocol_error(answer)
         if not self._closing:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self._resume_input()
             self.process_input()
 
     def _unexpected(self, failure: Failure) -> None:
@@ -444,6 +609,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             self.env.metrics.login_failed(self.protocol_name, "other")
         self.log.failure("Session {session_id}: login failed unexpectedly", failure,
                          session_id=self.info.session_id if self.info else None)
+        self._pending = None
         self.close_with(self.answer_temporary_failure())
 
     def _start_relay(
@@ -455,8 +621,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         stage: IRelayStage | None = None,
     ) -> None:
         assert self.transport is not None and self.info is not None and upstream.transport is not None
-        if self._login_timer is not None and self._login_timer.active():
-            self._login_timer.cancel()
+        cancel_timer(self._login_timer)
+        self._login_timer = None
         self._upstream = upstream
         relay = Relay(self.info, self.transport, upstream.transport, self.env.clock, stage)
         self.relay = relay
@@ -469,7 +635,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         relay.start()
         if pending:
             relay.from_client(pending)
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._resume_input()
         idle = min(t for t in (self.proxy.idle_timeout, policy_idle) if t > 0) if (
             self.proxy.idle_timeout > 0 or policy_idle > 0
         ) else 0
@@ -499,7 +665,12 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         if not self._closing and not reason.check(ConnectionDone):
             self._terminate_cause = TerminateCause.LOST_SERVICE
         if self.relay is not None:
-            self.relay.close()
+            if not self._closing:
+                self._closing = True
+                self._cancel_timers()
+                self._leave_registry()
+            self.relay.server_lost()
+        self._forget_if_gone()
 
     def _check_idle(self) -> None:
         assert self.info is not None
@@ -515,13 +686,9 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self._login_timer = None
         if self.relay is not None or self._closing:
             return
-        assert self.info is not None
-        self.log.info(
-            "Closing session {session_id}: {reason}",
-            session_id=self.info.session_id,
-            protocol=self.protocol_name,
-            reason=f"login_timeout {self.proxy.login_timeout}s reached",
-        )
-        if self._pending is not None:
-            self._pending.cancel()
-        self.close_with(self.answer_login_timeout())
+        self._end(self.answer_login_timeout(), f"login_timeout {self.proxy.login_timeout}s reached")
+
+
+def _abort_upstream(upstream: UpstreamProtocol) -> None:
+    if upstream.transport is not None:
+        upstream.transport.abortConnection()  # type: ignore[attr-defined]

@@ -6,17 +6,20 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from cryptography import x509
-from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.auth.certificate import CertificateRejected, identity_from_certificate
+from mailgw.auth.limits import PendingLimit, limited
 from mailgw.auth.portal import (
     AAAUnavailable,
     AuthenticatedUser,
+    ClientCredentials,
     GatewayRealm,
     IVPNIdentity,
     LoginContext,
@@ -71,15 +74,20 @@ class Gatekeeper:
         lookup_policy: Callable[[str], GroupPolicy | None],
         *,
         authorizers: Mapping[str, Authorizer] | None = None,
+        limits: Mapping[str, PendingLimit] | None = None,
     ) -> None:
         self.proxy = proxy
         self._authorizers = authorizers or {}
+        self._limits = limits or {}
         self._realm = GatewayRealm(lookup_policy)
         self._portals = portals
         self._registry = registry
         self._lookup_policy = lookup_policy
         default = proxy.default_server
-        self._allowed = {_normalise_host(default.host)} | {_normalise_host(h) for h in proxy.allowed_servers}
+        #: normalised name → the name as configured: upstream connections (and their
+        #: TLS objects) use the configured spelling, never the client's [4.10]
+        self._allowed: dict[str, str] = {_normalise_host(h): h for h in proxy.allowed_servers}
+        self._allowed[_normalise_host(default.host)] = default.host
 
     def target_for(self, request: LoginRequest) -> UpstreamTarget:
         """The mail server of a login: the default, or an allowed named one [4.2].
@@ -90,9 +98,10 @@ class Gatekeeper:
         default = self.proxy.default_server
         host = default.host
         if request.server is not None:
-            if _normalise_host(request.server) not in self._allowed:
+            configured = self._allowed.get(_normalise_host(request.server))
+            if configured is None:
                 raise LoginFailed(f"server {request.server!r} is not in allowed_servers", kind="not_allowed")
-            host = request.server.strip("[]")
+            host = configured.strip("[]")
         return UpstreamTarget(
             host=host,
             port=default.port,
@@ -161,9 +170,23 @@ class Gatekeeper:
         return identity
 
     async def _aaa(self, request: LoginRequest, context: LoginContext) -> VPNIdentity:
-        portal = self._portals[self.proxy.authentication_server_group]
-        credentials = UsernamePassword(request.vpn_user.encode("utf-8"), request.vpn_password.encode("utf-8"))
-        _, identity, _ = await portal.login(credentials, replace(context, method="aaa"), IVPNIdentity)
+        group = self.proxy.authentication_server_group
+        portal = self._portals[group]
+        credentials = ClientCredentials(
+            request.vpn_user.encode("utf-8"), request.vpn_password.encode("utf-8"), context.client_ip
+        )
+        mind = replace(context, method="aaa")
+
+        def check() -> defer.Deferred[tuple[Any, ...]]:
+            return portal.login(credentials, mind, IVPNIdentity)
+
+        limit = self._limits.get(group)
+        if limit is not None:
+            # At most max_pending checks of the group at once; beyond, a temporary
+            # failure at once [4.10].
+            _, identity, _ = await limited(limit, check)
+        else:
+            _, identity, _ = await check()
         assert isinstance(identity, VPNIdentity)
         if self.proxy.authorization_server_group:
             # [5.2]: the user must also be found there, and its attributes decide.

@@ -34,7 +34,12 @@ class IMAP4Session(ProxySession):
     _sasl_tag: str | None = None
 
     def make_input(self) -> InputBuffer:
-        return imap4.CommandReader()
+        # The proxy's pre-login limits [4.10]; a whole LOGIN command holds a line and
+        # two literals.
+        literal = self.proxy.max_login_literal
+        return imap4.CommandReader(
+            max_line=self.max_line, max_literal=literal, max_command=max(self.max_line, 2 * literal + self.max_line)
+        )
 
     @property
     def reader(self) -> imap4.CommandReader:
@@ -73,22 +78,33 @@ class IMAP4Session(ProxySession):
             return False
         if isinstance(event, imap4.NeedContinuation):
             self.write(imap4.continuation("Ready for literal data"))
-        elif isinstance(event, imap4.BadCommand):
-            self.protocol_error(self._bad(event.tag, f"Invalid command: {event.reason}."))
-        elif isinstance(event, imap4.TooBig):
-            if event.fatal:
-                self.close_with(self._bad(event.tag, "Literal too big.") + imap4.untagged("BYE Invalid literal."))
-            else:
-                self.protocol_error(self._bad(event.tag, "Literal too big."))
+        elif isinstance(event, (imap4.BadCommand, imap4.TooBig)):
+            self._refused(event)
         elif isinstance(event, TooLong):
             self.protocol_error(self.answer_line_too_long())
         else:
             self._command(event)
         return True
 
+    def _refused(self, event: imap4.BadCommand | imap4.TooBig) -> None:
+        """A command the reader refused: invalid syntax is C{BAD}, a literal or
+        command over the limits C{BAD [TOOBIG]} (RFC 7888, RFC 7889).  After a
+        fatal refusal the reader has stopped: the connection closes."""
+        if isinstance(event, imap4.TooBig):
+            # "Literal too big." or "Command too long."
+            answer = self._bad(event.tag, event.reason.capitalize() + ".", code="TOOBIG")
+        else:
+            answer = self._bad(event.tag, f"Invalid command: {event.reason}.")
+        if event.fatal:
+            self.close_with(answer + imap4.untagged("BYE Invalid literal."))
+        else:
+            self.protocol_error(answer)
+
     @staticmethod
-    def _bad(tag: str | None, text: str) -> bytes:
-        return imap4.tagged(tag, "BAD", text) if tag else imap4.untagged("BAD " + text)
+    def _bad(tag: str | None, text: str, code: str | None = None) -> bytes:
+        if tag:
+            return imap4.tagged(tag, "BAD", text, code=code)
+        return imap4.untagged(f"BAD [{code}] {text}" if code else "BAD " + text)
 
     def _command(self, command: imap4.Command) -> None:
         tag, name = command.tag, command.name
@@ -191,3 +207,6 @@ class IMAP4Session(ProxySession):
         return imap4.tagged(
             self._login_tag, "NO", "Service temporarily unavailable, try again later.", code="UNAVAILABLE"
         )
+
+    def answer_closing(self) -> bytes:
+        return imap4.untagged("BYE Connection closed by the gateway.")

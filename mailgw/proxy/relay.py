@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from zope.interface import Attribute, Interface, implementer
 
 from mailgw.proxy.registry import SessionInfo
@@ -61,13 +61,59 @@ def _unattached(data: bytes) -> None:
     raise RuntimeError("relay stage used before attach()")
 
 
+#: seconds a closing connection gets to flush its last words and the TLS close alert
+#: before it is aborted [4.1]: closing means closed, whether or not the peer reads
+CLOSE_GRACE = 2.0
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def _abort(transport: ITransport) -> None:
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+
+
+def close_transport(transport: ITransport, clock: IReactorTime, grace: float = CLOSE_GRACE) -> IDelayedCall:
+    """Close C{transport} politely (what is buffered, then the TLS close alert) and
+    abort it if it is not gone after C{grace} seconds [4.1].  Returns the timer, which
+    the owner cancels when the connection is lost."""
+    transport.loseConnection()
+    return clock.callLater(grace, _abort, transport)
+
+
+def cancel_timer(timer: IDelayedCall | None) -> None:
+    """Cancel C{timer} if it is still pending."""
+    if timer is not None and timer.active():
+        timer.cancel()
+
+
 class Relay:
     """Joins the client transport and the upstream transport of one session.
 
     The protocols on either side hand every chunk to L{from_client} /
     L{from_server} (they rebind their C{dataReceived} to these methods, so the hot
-    path has no branch).  Closing either side closes the other.
+    path has no branch).  Closing either side closes the other; a side that is not
+    gone L{CLOSE_GRACE} seconds after the close is aborted, so a peer that stops
+    reading cannot hold the other connection [4.1].
     """
+
+    __slots__ = (
+        "_client",
+        "_client_gone",
+        "_client_timer",
+        "_clock",
+        "_info",
+        "_seconds",
+        "_server",
+        "_server_gone",
+        "_server_timer",
+        "_to_client",
+        "_to_server",
+        "closed",
+    )
 
     def __init__(
         self,
@@ -80,8 +126,13 @@ class Relay:
         self._info = info
         self._client = client
         self._server = server
+        self._clock = clock
         self._seconds = clock.seconds
         self.closed = False
+        self._client_gone = False
+        self._server_gone = False
+        self._client_timer: IDelayedCall | None = None
+        self._server_timer: IDelayedCall | None = None
         if stage is not None:
             stage.attach(self._server.write, self._client.write)
             self._to_server: Sink = stage.from_client
@@ -107,14 +158,45 @@ class Relay:
         info.last_activity = self._seconds()
         self._to_client(data)
 
-    def close(self) -> None:
-        """Close both sides once; whatever is buffered is still written."""
+    def close(self, goodbye: bytes = b"") -> None:
+        """Close both sides once: C{goodbye} (the protocol's last words) to the
+        client, then each side's close, aborted after L{CLOSE_GRACE} seconds."""
         if self.closed:
             return
         self.closed = True
+        # Nothing more is passed on: a side that is still sending while the other
+        # closes must not fill the closing side's buffer.
+        self._to_server = self._to_client = _discard
         for transport in (self._client, self._server):
             try:
                 transport.unregisterProducer()  # type: ignore[attr-defined]
             except (AttributeError, RuntimeError):
                 pass
-            transport.loseConnection()
+        if not self._client_gone:
+            if goodbye:
+                self._client.write(goodbye)
+            self._client_timer = close_transport(self._client, self._clock)
+        if not self._server_gone:
+            # The server side may have been paused by the client's back-pressure:
+            # let it read the server's close alert (what it reads is discarded).
+            resume = getattr(self._server, "resumeProducing", None)
+            if resume is not None:
+                resume()
+            self._server_timer = close_transport(self._server, self._clock)
+
+    @property
+    def server_gone(self) -> bool:
+        """The server connection is gone."""
+        return self._server_gone
+
+    def client_lost(self) -> None:
+        """The client connection is gone: close the server side."""
+        self._client_gone = True
+        cancel_timer(self._client_timer)
+        self.close()
+
+    def server_lost(self) -> None:
+        """The server connection is gone: close the client side."""
+        self._server_gone = True
+        cancel_timer(self._server_timer)
+        self.close()

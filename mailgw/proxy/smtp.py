@@ -31,9 +31,8 @@ class SMTPSession(ProxySession):
     """One SMTP client connection."""
 
     protocol_name = "smtp"
-    # AUTH lines may carry an initial response of up to 12288 octets (RFC 4954); the
-    # other commands are held to 512 by the codec.
-    max_line = smtp.MAX_AUTH_LINE
+    # The pre-login line limit is the proxy's max_login_line (AUTH lines with an
+    # initial response can be long); the other commands are held to 512 by the codec.
     upstream_class = SMTPUpstreamLogin
 
     _greeted = False
@@ -129,7 +128,7 @@ class SMTPSession(ProxySession):
         elif mechanism == "LOGIN":
             if initial is None:
                 self._auth = _Auth.LOGIN_USER
-                self.write(b"334 " + sasl.encode_b64("Username:") + b"\r\n")
+                self.write(b"334 " + sasl.LOGIN_USERNAME_CHALLENGE + b"\r\n")
             else:
                 self._login_name(initial.encode("ascii", "replace"))
         else:
@@ -166,7 +165,7 @@ class SMTPSession(ProxySession):
             self.protocol_error(smtp.reply(501, "Invalid base64 data", "5.5.2"))
             return
         self._auth = _Auth.LOGIN_PASSWORD
-        self.write(b"334 " + sasl.encode_b64("Password:") + b"\r\n")
+        self.write(b"334 " + sasl.LOGIN_PASSWORD_CHALLENGE + b"\r\n")
 
     # -- answers ----------------------------------------------------------------------
 
@@ -174,6 +173,12 @@ class SMTPSession(ProxySession):
         return smtp.reply(235, "Authentication successful", "2.7.0")
 
     def answer_line_too_long(self) -> bytes:
+        # Called exactly when an over-long line was read.  A SASL response that long
+        # ends the exchange (RFC 4954 section 4): the next line is a command again.
+        if self._auth is not _Auth.NONE:
+            self._auth = _Auth.NONE
+            self._login_user = ""
+            return smtp.reply(500, "Authentication Exchange line is too long", "5.5.6")
         return smtp.reply(500, "Line too long", "5.5.2")
 
     def answer_too_many_errors(self) -> bytes:
@@ -187,3 +192,6 @@ class SMTPSession(ProxySession):
 
     def answer_temporary_failure(self) -> bytes:
         return smtp.reply(454, "Temporary authentication failure", "4.7.0")
+
+    def answer_closing(self) -> bytes:
+        return smtp.reply(421, f"{self._name} Connection closed by the gateway", "4.3.2")

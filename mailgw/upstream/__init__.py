@@ -181,7 +181,9 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
             self.user = self.password = ""
             self.result.errback(error)
             if self.transport is not None:
-                self.transport.loseConnection()
+                # A failed login is over: nothing to wait for (a polite TLS close
+                # would wait for a server that may not answer) [4.1].
+                self.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 def _describe(reason: Failure) -> str:

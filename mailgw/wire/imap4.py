@@ -27,12 +27,14 @@ first and does not depend on the rest of the syntax, so the reader always knows 
 next command starts.  Client errors are events, never exceptions:
 
 - :class:`BadCommand` — a syntax error; the reader has moved on to the next command.
-- :class:`TooBig` — a literal announcement was refused before anything was allocated:
-  a size that is not a number up to 4294967295 (``{abc}``, ``{-100}``,
-  ``{99999999999}``), a size over ``max_literal`` (``{2147483648}``), a command that would
-  exceed ``max_command`` octets in all, or a literal8 (``~{n}``, RFC 3516/9051, not
-  allowed before login).  A command exceeding ``max_command`` without a literal gives
-  :class:`TooBig` too.
+  Invalid literal syntax is one: a size that is not a string of ASCII digits
+  (``{abc}``, ``{-1}``, ``{ 5}``, ``{5x}``, ``{}``, ``{5-}``), and a literal8 (``~{n}``,
+  RFC 3516/9051, not allowed before login).
+- :class:`TooBig` — a literal announcement was refused before anything was allocated
+  because of its size: a number over 4294967295 (``{99999999999}``), a size over
+  ``max_literal`` (``{2147483648}``), or a command that would exceed ``max_command``
+  octets in all.  A command exceeding ``max_command`` without a literal gives
+  :class:`TooBig` too.  The proxy answers it ``BAD [TOOBIG]`` (RFC 7888, RFC 7889).
 - :class:`~mailgw.wire.lines.TooLong` — a line over ``max_line`` octets; the command it
   belonged to is abandoned and the reader resumes after the line's LF.
 
@@ -43,11 +45,11 @@ This reader's choice: when the announced size is a valid number it *skips* exact
 many octets, counting them down without storing them, then discards the rest of the
 command (further ``{n+}`` literals in it are skipped the same way) and resumes; the
 connection stays usable, as RFC 7888 allows.  When the size of a ``{…+}`` announcement
-is not a valid number, the end of the data cannot be known: the event has
-``fatal=True``, the reader stops producing events and drops whatever arrives, and the
-proxy must answer and close the connection (what nginx does for every oversized
-literal).  Treating the data as commands instead would let a literal's contents be
-executed as commands.
+is not a valid number (not digits, or over 4294967295), the end of the data cannot be
+known: the event (:class:`BadCommand` or :class:`TooBig`) has ``fatal=True``, the reader
+stops producing events and drops whatever arrives, and the proxy must answer and close
+the connection (what nginx does for every oversized literal).  Treating the data as
+commands instead would let a literal's contents be executed as commands.
 
 Memory bound: once :meth:`CommandReader.next_event` has returned ``None``, the reader holds
 less than ``max_line`` octets of partial line plus the command being assembled, at most
@@ -83,7 +85,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 from mailgw.wire import sasl
@@ -91,6 +93,9 @@ from mailgw.wire.errors import ProtocolError
 from mailgw.wire.lines import LineBuffer, TooLong
 
 __all__ = [
+    "DEFAULT_MAX_COMMAND",
+    "DEFAULT_MAX_LINE",
+    "DEFAULT_MAX_LITERAL",
     "MAX_LITERAL_SIZE",
     "MAX_RESPONSE_LINE",
     "Arg",
@@ -116,6 +121,10 @@ __all__ = [
 
 #: Largest literal size that is a valid ``number`` (RFC 9051: unsigned 32-bit).
 MAX_LITERAL_SIZE = 4294967295
+#: :class:`CommandReader`'s default limits: a line, one literal, a whole command.
+DEFAULT_MAX_LINE = 8192
+DEFAULT_MAX_LITERAL = 64 * 1024
+DEFAULT_MAX_COMMAND = 64 * 1024
 #: A sensible line limit for a server's pre-login responses (greeting, CAPABILITY, tagged).
 MAX_RESPONSE_LINE = 16384
 #: Commands whose arguments are secret and kept out of ``repr``.
@@ -190,10 +199,16 @@ class NeedContinuation:
 @dataclass(frozen=True)
 class BadCommand:
     """A syntax error: answer ``tag BAD …`` (``* BAD …`` when ``tag`` is ``None``, the tag
-    itself being invalid) and count an error.  ``reason`` never holds client input."""
+    itself being invalid) and count an error.  ``reason`` never holds client input.
+
+    With ``fatal`` (invalid syntax in a ``{…+}`` announcement: its data follows unasked,
+    and where it ends is unknown) the reader has stopped, and the proxy must close the
+    connection after answering.
+    """
 
     tag: str | None
     reason: str
+    fatal: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,6 +391,7 @@ class _Marker:
     size: int | None  # None: not a valid number
     nonsync: bool
     literal8: bool
+    numeric: bool  # the size is ASCII digits (maybe too many of them)
 
 
 def _find_marker(line: bytes) -> _Marker | None:
@@ -388,23 +404,32 @@ def _find_marker(line: bytes) -> _Marker | None:
     literal8 = start > 0 and line[start - 1] == 0x7E  # "~"
     nonsync = body.endswith(b"+")
     digits = body[:-1] if nonsync else body
+    numeric = digits.isdigit()  # ASCII digits only, and not empty
     size: int | None = None
-    # At most 10 digits before int(): the value is client-controlled.
-    if 1 <= len(digits) <= 10 and digits.isdigit():
-        size = int(digits)
-        if size > MAX_LITERAL_SIZE:
-            size = None
-    return _Marker(start - 1 if literal8 else start, size, nonsync, literal8)
+    if numeric:
+        # At most 10 significant digits before int(): the value is client-controlled.
+        significant = digits.lstrip(b"0") or b"0"
+        if len(significant) <= 10:
+            value = int(significant)
+            size = value if value <= MAX_LITERAL_SIZE else None
+    return _Marker(start - 1 if literal8 else start, size, nonsync, literal8, numeric)
 
 
 class CommandReader:
     """Frames and parses the client's pre-login commands; see the module docstring.
 
     ``max_line`` bounds each line (terminator included), ``max_literal`` each literal,
-    ``max_command`` a whole command: its lines (counted with CRLF) and literals.
+    ``max_command`` a whole command: its lines (counted with CRLF) and literals
+    (defaults :data:`DEFAULT_MAX_LINE`, :data:`DEFAULT_MAX_LITERAL`,
+    :data:`DEFAULT_MAX_COMMAND`).  A literal is also bounded by ``max_command``.
     """
 
-    def __init__(self, max_line: int = 8192, max_literal: int = 64 * 1024, max_command: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_literal: int = DEFAULT_MAX_LITERAL,
+        max_command: int = DEFAULT_MAX_COMMAND,
+    ) -> None:
         if max_literal < 0 or max_command < 1:
             raise ValueError("invalid limits")
         # Received bytes go to self._raw; only the bytes up to the next LF are moved into
@@ -429,8 +454,18 @@ class CommandReader:
         self._tag: str | None = None
 
     @property
+    def max_line(self) -> int:
+        """The longest line accepted, terminator included."""
+        return self._lines.max_length
+
+    @property
+    def max_literal(self) -> int:
+        """The largest literal accepted."""
+        return self._max_literal
+
+    @property
     def failed(self) -> bool:
-        """Whether a fatal :class:`TooBig` stopped the reader."""
+        """Whether a fatal :class:`BadCommand` or :class:`TooBig` stopped the reader."""
         return self._state is _State.FAILED
 
     @property
@@ -577,18 +612,33 @@ class CommandReader:
         self._release()
         return self._want == 0
 
-    def _fail(self, reason: str) -> TooBig:
-        tag = self._tag
+    def _fail(self, event: BadCommand | TooBig) -> BadCommand | TooBig:
+        """Stop for good after ``event``: the end of a ``{…+}`` literal is unknown."""
         self.clear()
         self._state = _State.FAILED
-        return TooBig(tag, reason, fatal=True)
+        return replace(event, fatal=True)
+
+    def _refusal(self, marker: _Marker) -> BadCommand | TooBig | None:
+        """Why a literal announcement is refused, if it is (nothing allocated yet)."""
+        tag = self._tag
+        if marker.literal8:
+            return BadCommand(tag, "literal8 not allowed before login")
+        if not marker.numeric:
+            return BadCommand(tag, "invalid literal size")
+        if marker.size is None or marker.size > self._max_literal:
+            return TooBig(tag, "literal too big")
+        if self._size + marker.size > self._max_command:
+            return TooBig(tag, "command too long")
+        return None
 
     def _line(self, line: bytes) -> Event | None:
         marker = _find_marker(line)
         if self._discarding:
             if marker is not None and marker.nonsync:
                 if marker.size is None:
-                    return self._fail("invalid literal size")
+                    refusal = self._refusal(marker)
+                    assert refusal is not None
+                    return self._fail(refusal)
                 self._want = marker.size
                 self._state = _State.SKIP
                 return None
@@ -614,19 +664,8 @@ class CommandReader:
             except _SyntaxError as e:
                 return BadCommand(e.tag, e.reason)
 
-        refusal = None
-        if marker.literal8:
-            refusal = "literal8 not allowed before login"
-        elif marker.size is None:
-            refusal = "invalid literal size"
-        elif marker.size > self._max_literal:
-            refusal = "literal too big"
-        elif self._size + marker.size > self._max_command:
-            refusal = "command too long"
-        event: BadCommand | TooBig | None = None
-        if refusal is not None:
-            event = TooBig(self._tag, refusal)
-        else:
+        event = self._refusal(marker)
+        if event is None:
             try:
                 parser.segment(line[: marker.start], literal_follows=True)
             except _SyntaxError as e:
@@ -636,7 +675,7 @@ class CommandReader:
                 self._reset_command()
                 return event
             if marker.size is None:
-                return self._fail(refusal or "invalid literal size")
+                return self._fail(event)
             self._discard()
             self._want = marker.size
             self._state = _State.SKIP

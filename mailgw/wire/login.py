@@ -5,7 +5,12 @@ d1 is ``username_password_delimiter`` (``user_delimiter`` here), d2 ``server_del
 Rules, applied in this order:
 
 1. **Characters.**  The username must be non-empty and contain no control character
-   (Unicode category Cc: C0 including NUL, CR, LF, TAB; DEL; C1) and no lone surrogate.
+   (Unicode category Cc: C0 including NUL, CR, LF, TAB; DEL; C1), no invisible format
+   character (Cf: U+200B zero width space, U+202E right-to-left override, U+FEFF byte
+   order mark, soft hyphen …), no line or paragraph separator (Zl U+2028, Zp U+2029) and
+   no lone surrogate: the VPN user, the mail user and the server are all cut from it, and
+   none of them may look like something else in a log, an admin listing or upstream.
+   The error names the character by its code point, never raw.
    The password may contain anything except NUL, CR, LF and lone surrogates.
 2. **Server** — split off at the *last* d2, when what follows it is a server candidate:
    non-empty and made only of host characters (ASCII letters, digits, ``.``, ``-``,
@@ -54,6 +59,14 @@ _DIGITS = re.compile(r"[0-9]+\Z")
 # A part of an address as inet_aton(3) reads it: decimal, octal or hexadecimal.
 _INET_ATON_PART = re.compile(r"(?:0[xX][0-9A-Fa-f]*|[0-9]+)\Z")
 _PASSWORD_FORBIDDEN = frozenset("\x00\r\n")
+#: Unicode categories refused in a username, with the words the error uses for them.
+_FORBIDDEN_IN_USERNAME = {
+    "Cc": "control character",
+    "Cf": "invisible character",
+    "Zl": "line separator",
+    "Zp": "paragraph separator",
+    "Cs": "lone surrogate",
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +96,9 @@ def parse_login(
     if not username:
         raise LoginSyntaxError("empty username")
     for char in username:
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise LoginSyntaxError("control character in username")
+        kind = _FORBIDDEN_IN_USERNAME.get(unicodedata.category(char))
+        if kind is not None:
+            raise LoginSyntaxError(f"user name contains the {kind} U+{ord(char):04X}")
     for char in password:
         if char in _PASSWORD_FORBIDDEN or unicodedata.category(char) == "Cs":
             raise LoginSyntaxError("forbidden character in password")
@@ -144,8 +158,8 @@ def _check_delimiters(user_delimiter: str, server_delimiter: str) -> None:
     if user_delimiter == server_delimiter:
         raise ValueError("the user and server delimiters must differ")
     for char in user_delimiter + server_delimiter:
-        if unicodedata.category(char) in ("Cc", "Cs"):
-            raise ValueError("login delimiters must not contain control characters")
+        if unicodedata.category(char) in _FORBIDDEN_IN_USERNAME:
+            raise ValueError("login delimiters must not contain control or invisible characters")
 
 
 def _split_server(username: str, server_delimiter: str) -> tuple[str, str | None]:

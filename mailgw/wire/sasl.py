@@ -17,8 +17,11 @@ from mailgw.wire.errors import BadBase64, ProtocolError
 
 __all__ = [
     "CANCEL",
+    "LOGIN_PASSWORD_CHALLENGE",
+    "LOGIN_USERNAME_CHALLENGE",
     "decode_b64",
     "decode_login_item",
+    "decode_login_username",
     "decode_plain",
     "encode_b64",
     "encode_plain",
@@ -26,6 +29,10 @@ __all__ = [
 
 #: The client's answer that cancels a SASL exchange.
 CANCEL = b"*"
+#: The server's challenges of AUTH LOGIN (draft-murchison-sasl-login): base64 of
+#: ``Username:`` and ``Password:``, the texts clients expect.
+LOGIN_USERNAME_CHALLENGE = b"VXNlcm5hbWU6"
+LOGIN_PASSWORD_CHALLENGE = b"UGFzc3dvcmQ6"
 
 
 def decode_b64(data: bytes) -> bytes:
@@ -77,11 +84,25 @@ def encode_plain(authcid: str, password: str, authzid: str = "") -> bytes:
 
 
 def decode_login_item(data: bytes) -> str:
-    """Decode one AUTH LOGIN answer (a username or a password) from base64 UTF-8."""
+    """Decode one AUTH LOGIN answer (a username or a password) from base64 UTF-8.
+
+    Raises :class:`BadBase64` for bad base64 and :class:`ProtocolError` for an item
+    that is not UTF-8.
+    """
     try:
         return decode_b64(data).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProtocolError("AUTH LOGIN item is not UTF-8") from e
+
+
+def decode_login_username(data: bytes) -> str:
+    """Decode the first AUTH LOGIN answer, the username, as :func:`decode_login_item`
+    does; an empty username (``=`` or an empty line) is a :class:`ProtocolError` too,
+    answered at once rather than after a failed login."""
+    username = decode_login_item(data)
+    if not username:
+        raise ProtocolError("AUTH LOGIN username is empty")
+    return username
 
 
 def encode_b64(text: str) -> bytes:
