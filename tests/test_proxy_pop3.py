@@ -92,9 +92,11 @@ class POP3Harness:
             failure_delay=1.0,
         )
 
-    def connect(self, *, implicit_tls: bool = True, port: int = 40000) -> tuple[Any, TLSStringTransport]:
+    def connect(
+        self, *, implicit_tls: bool = True, port: int = 40000, address: str = "192.0.2.7"
+    ) -> tuple[Any, TLSStringTransport]:
         session = self.session_class(self.env, implicit_tls=implicit_tls)
-        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", port))
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", address, port))
         session.makeConnection(transport)
         if implicit_tls:
             # What TLSMemoryBIOProtocol tells the session once the handshake is done.
@@ -401,13 +403,16 @@ class LoginTests(SynchronousTestCase):
         self.assertTrue(self.events)
 
     def test_simultaneousLoginsOne(self) -> None:
-        """With simultaneous_logins = 1 a second login logs off the first session."""
+        """With simultaneous_logins = 1 a second login (from another address) logs
+        off the first session, which gets the protocol's goodbye."""
         first, first_transport = self.harness.connect()
         first.dataReceived(b"USER bob\r\nPASS bob-pw\r\n")
         login_upstream(self.harness)
-        second, second_transport = self.harness.connect()
+        first_transport.clear()
+        second, second_transport = self.harness.connect(address="192.0.2.8")
         second.dataReceived(b"USER bob\r\nPASS bob-pw\r\n")
         self.assertTrue(first_transport.disconnecting)
+        self.assertEqual(first_transport.value(), b"-ERR [SYS/TEMP] Connection closed by the gateway.\r\n")
         first_upstream = self.harness.connector.upstreams[0].transport
         assert isinstance(first_upstream, TLSStringTransport)
         self.assertTrue(first_upstream.disconnecting)

@@ -3,6 +3,9 @@ simultaneous logins [5.5]."""
 
 from __future__ import annotations
 
+import heapq
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -27,6 +30,48 @@ class SessionLimitTests(SynchronousTestCase):
     def open(self, protocol: str = "pop3") -> SessionInfo:
         self.clock.advance(1)
         return self.registry.open(protocol, "127.0.0.1:1", Owner())
+
+    def test_noScanPerConnection(self) -> None:
+        """With 10,000 sessions (5,000 authenticated) and a limit set, a new
+        connection and its eviction touch a bounded number of entries: counted as
+        heap operations, not time."""
+        calls = [0]
+        real_push, real_pop = heapq.heappush, heapq.heappop
+
+        def push(heap: list[Any], item: Any) -> None:
+            calls[0] += 1
+            real_push(heap, item)
+
+        def pop(heap: list[Any]) -> Any:
+            calls[0] += 1
+            return real_pop(heap)
+
+        self.patch(heapq, "heappush", push)
+        self.patch(heapq, "heappop", pop)
+        infos = [self.open() for _ in range(10_000)]
+        for n, info in enumerate(infos[::2]):
+            info.client_ip = f"10.0.{n >> 8}.{n & 255}"
+            self.registry.claim_login(info, f"user{n}", 3)
+        scans = [0]
+
+        class Counting(dict[str, SessionInfo]):
+            def values(self) -> Any:
+                scans[0] += 1
+                return super().values()
+
+            def __iter__(self) -> Any:
+                scans[0] += 1
+                return super().__iter__()
+
+        self.registry._sessions = Counting(self.registry._sessions)  # noqa: SLF001 - counting its scans
+        calls[0] = 0
+        newcomer = self.open()
+        victims = self.registry.over_limit("pop3", 5_000, newcomer)
+        self.assertEqual(victims, [infos[1]])
+        newcomer.client_ip = "10.255.0.1"
+        self.assertEqual(self.registry.claim_login(newcomer, "user7", 3), [])
+        self.assertLess(calls[0], 64)
+        self.assertEqual(scans[0], 0)
 
     def test_withinLimit(self) -> None:
         """No session is evicted while the count stays within the limit."""
@@ -108,10 +153,19 @@ class SimultaneousLoginTests(SynchronousTestCase):
         self.clock = Clock()
         self.registry = SessionRegistry(self.clock)
 
-    def login(self, user: str, limit: int) -> tuple[SessionInfo, list[SessionInfo]]:
+    def login(
+        self, user: str, limit: int, client: str | None = None, protocol: str = "pop3"
+    ) -> tuple[SessionInfo, list[SessionInfo]]:
+        """A login of C{user}; each from its own client address unless told."""
         self.clock.advance(1)
-        info = self.registry.open("pop3", "c", Owner())
+        if client is None:
+            client = f"192.0.2.{self.registry_serial()}"
+        info = self.registry.open(protocol, f"{client}:4000", Owner())
         return info, self.registry.claim_login(info, user, limit)
+
+    def registry_serial(self) -> int:
+        self._clients = getattr(self, "_clients", 0) + 1
+        return self._clients
 
     def test_underLimit(self) -> None:
         """Logins within the limit log nobody off."""
@@ -151,7 +205,7 @@ class SimultaneousLoginTests(SynchronousTestCase):
 
     def test_zeroRefuses(self) -> None:
         """0 disables login for the policy."""
-        info = self.registry.open("pop3", "c", Owner())
+        info = self.registry.open("pop3", "c:1", Owner())
         self.assertRaises(LoginRefused, self.registry.claim_login, info, "alice", 0)
         self.assertIs(info.state, SessionState.UNAUTHENTICATED)
 
@@ -161,6 +215,40 @@ class SimultaneousLoginTests(SynchronousTestCase):
         self.registry.release_login(info)
         _, victims = self.login("alice", 1)
         self.assertEqual(victims, [])
+
+    def test_connectionsOfOneLoginCountOnce(self) -> None:
+        """Five connections of one user from one address over one protocol are one
+        login: with a limit of 3 nobody is logged off, and they share a login id."""
+        infos = [self.login("alice", 3, client="198.51.100.1")[0] for _ in range(5)]
+        self.assertEqual({i.login_id for i in infos}, {infos[0].session_id})
+        self.assertEqual([i.state for i in infos], [SessionState.AUTHENTICATED] * 5)
+        _, victims = self.login("alice", 3)
+        _, more = self.login("alice", 3)
+        self.assertEqual(victims + more, [])
+
+    def test_logOffTakesTheWholeLogin(self) -> None:
+        """When a new login exceeds the limit, every connection of the login idle
+        longest is logged off (a login is user, address and protocol)."""
+        first = [self.login("alice", 2, client="198.51.100.1")[0] for _ in range(3)]
+        self.login("alice", 2, client="198.51.100.1", protocol="imap4")
+        self.clock.advance(5)
+        for info in self.registry:
+            if info.protocol == "imap4":
+                info.last_activity = self.clock.seconds()
+        _, victims = self.login("alice", 2, client="198.51.100.2")
+        self.assertEqual(victims, first)
+
+    def test_fiveAddressesLeaveThree(self) -> None:
+        """The same five connections from five addresses are five logins: with a
+        limit of 3 the two idle longest are logged off."""
+        infos = []
+        for n in range(5):
+            info, victims = self.login("alice", 3, client=f"198.51.100.{n + 1}")
+            infos.append((info, victims))
+            for victim in victims:
+                self.registry.close(victim)  # what its owner's terminate does
+        logged_off = [v for _, victims in infos for v in victims]
+        self.assertEqual(logged_off, [infos[0][0], infos[1][0]])
 
     def test_closeForgets(self) -> None:
         """A closed session is gone from the registry."""

@@ -183,7 +183,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.client_ip = getattr(peer, "host", str(peer))
         client = f"{self.client_ip}:{getattr(peer, 'port', 0)}"
         registry = self.env.registry
-        self.info = info = registry.open(self.protocol_name, client, self)
+        self.info = info = registry.open(self.protocol_name, client, self, client_ip=self.client_ip)
         self._in_registry = True
         self.env.connections.add(self)
         set_nodelay(self.transport)
@@ -413,6 +413,11 @@ class ProxySession(Protocol, metaclass=ABCMeta):
     def answer_closing(self) -> bytes:
         """The goodbye when the gateway ends the session (kill, eviction, log-off,
         timeouts after login): C{* BYE}, C{421}, C{-ERR} [4.1]."""
+
+    def answer_upstream_lost(self, reason: Failure) -> bytes:
+        """What the client gets when the mail server closes the relayed connection
+        (by default nothing: the server's own last words were relayed)."""
+        return b""
 
     def make_upstream(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> UpstreamProtocol:
         """The login client for this session's upstream connection."""
@@ -669,7 +674,18 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 self._closing = True
                 self._cancel_timers()
                 self._leave_registry()
-            self.relay.server_lost()
+                if not reason.check(ConnectionDone) and self.info is not None:
+                    self.log.info(
+                        "Session {session_id}: the mail server closed the connection: {reason}",
+                        session_id=self.info.session_id,
+                        protocol=self.protocol_name,
+                        user=self.info.user,
+                        upstream=self.info.upstream,
+                        reason=str(reason.value) or type(reason.value).__name__,
+                    )
+                self.relay.server_lost(self.answer_upstream_lost(reason))
+            else:
+                self.relay.server_lost()
         self._forget_if_gone()
 
     def _check_idle(self) -> None:

@@ -9,6 +9,7 @@ The registry is what the admin channel reads (``mailgwctl sessions``).
 from __future__ import annotations
 
 import enum
+import heapq
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class Terminable(Protocol):
         Acct-Terminate-Cause its accounting Stop carries."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SessionInfo:
     """One live session, as ``mailgwctl sessions`` shows it."""
 
@@ -55,6 +56,11 @@ class SessionInfo:
     closing: bool = False
     #: the sequence number of insertion: breaks ties between equal clock readings
     serial: int = field(default=0)
+    #: the client's address (without the port): one login is one VPN user from one
+    #: address over one protocol [5.5]
+    client_ip: str = ""
+    #: the login this connection belongs to (the session id of its first connection)
+    login_id: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready view without the owner object."""
@@ -67,6 +73,7 @@ class SessionInfo:
             "mail_user": self.mail_user,
             "group_policy": self.group_policy,
             "upstream": self.upstream,
+            "login": self.login_id,
             "started": self.started,
             "last_activity": self.last_activity,
             "bytes_from_client": self.bytes_from_client,
@@ -78,13 +85,63 @@ class LoginRefused(Exception):
     """Simultaneous logins forbid this login (the policy allows 0)."""
 
 
+class _Oldest:
+    """The sessions of one protocol in one non-authenticated state, oldest first:
+    a set with a heap of (started, serial) beside it (stale heap entries are dropped
+    lazily), so the limit of [4.4] finds its victims without a scan."""
+
+    __slots__ = ("_heap", "members")
+
+    def __init__(self) -> None:
+        self.members: set[SessionInfo] = set()
+        self._heap: list[tuple[float, int, SessionInfo]] = []
+
+    def add(self, info: SessionInfo) -> None:
+        self.members.add(info)
+        heap = self._heap
+        if len(heap) > 2 * len(self.members) + 64:
+            # Mostly stale entries (sessions that left the state): rebuild.
+            heap[:] = [(m.started, m.serial, m) for m in self.members if m is not info]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (info.started, info.serial, info))
+
+    def discard(self, info: SessionInfo) -> None:
+        self.members.discard(info)
+        if not self.members:
+            self._heap.clear()
+
+    def oldest(self, count: int, skip: SessionInfo) -> list[SessionInfo]:
+        """Up to C{count} oldest members other than C{skip}."""
+        found: list[SessionInfo] = []
+        popped: list[tuple[float, int, SessionInfo]] = []
+        heap = self._heap
+        while heap and len(found) < count:
+            entry = heapq.heappop(heap)
+            info = entry[2]
+            if info not in self.members or any(info is e[2] for e in popped):
+                continue  # stale (left the state, or re-entered: a newer entry exists)
+            popped.append(entry)
+            if info is not skip:
+                found.append(info)
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
+
+
 class SessionRegistry:
-    """All live sessions of one gateway process, shared by the three proxies."""
+    """All live sessions of one gateway process, shared by the three proxies.
+
+    Indexed: the non-authenticated sessions per protocol and state (oldest first),
+    the authenticated ones per VPN user, so that no connection or login scans every
+    session.
+    """
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._sessions: dict[str, SessionInfo] = {}
         self._serial = 0
+        self._pending: dict[tuple[str, SessionState], _Oldest] = {}
+        self._by_user: dict[str, dict[SessionInfo, None]] = {}
 
     def __iter__(self) -> Iterator[SessionInfo]:
         return iter(list(self._sessions.values()))
@@ -99,7 +156,13 @@ class SessionRegistry:
         """Live sessions, oldest first, optionally of one protocol."""
         return [s for s in self if protocol is None or s.protocol == protocol]
 
-    def open(self, protocol: str, client: str, owner: Terminable) -> SessionInfo:
+    def _bucket(self, protocol: str, state: SessionState) -> _Oldest:
+        bucket = self._pending.get((protocol, state))
+        if bucket is None:
+            bucket = self._pending[(protocol, state)] = _Oldest()
+        return bucket
+
+    def open(self, protocol: str, client: str, owner: Terminable, client_ip: str | None = None) -> SessionInfo:
         """Register a new, unauthenticated session."""
         now = self._clock.seconds()
         self._serial += 1
@@ -115,18 +178,43 @@ class SessionRegistry:
             state_since=now,
             last_activity=now,
             serial=self._serial,
+            client_ip=client_ip if client_ip is not None else client.rsplit(":", 1)[0],
         )
         self._sessions[session_id] = info
+        self._bucket(protocol, SessionState.UNAUTHENTICATED).add(info)
         return info
 
     def close(self, info: SessionInfo) -> None:
         """Forget a session (its connection is gone)."""
-        self._sessions.pop(info.session_id, None)
+        if self._sessions.pop(info.session_id, None) is None:
+            return
+        self._unindex(info)
+
+    def _unindex(self, info: SessionInfo) -> None:
+        if info.state is SessionState.AUTHENTICATED:
+            if info.user is not None:
+                sessions = self._by_user.get(info.user)
+                if sessions is not None:
+                    sessions.pop(info, None)
+                    if not sessions:
+                        del self._by_user[info.user]
+        else:
+            self._bucket(info.protocol, info.state).discard(info)
 
     def set_state(self, info: SessionInfo, state: SessionState) -> None:
-        if info.state is not state:
-            info.state = state
-            info.state_since = self._clock.seconds()
+        if info.state is state:
+            return
+        live = self._sessions.get(info.session_id) is info
+        if live:
+            self._unindex(info)
+        info.state = state
+        info.state_since = self._clock.seconds()
+        if live:
+            if state is SessionState.AUTHENTICATED:
+                if info.user is not None:
+                    self._by_user.setdefault(info.user, {})[info] = None
+            else:
+                self._bucket(info.protocol, state).add(info)
 
     def over_limit(self, protocol: str, limit: int, newcomer: SessionInfo) -> list[SessionInfo]:
         """The sessions to close so that the non-authenticated sessions of C{protocol}
@@ -136,42 +224,55 @@ class SessionRegistry:
         """
         if limit <= 0:
             return []
-        pending = [
-            s
-            for s in self._sessions.values()
-            if s.protocol == protocol and s.state is not SessionState.AUTHENTICATED and not s.closing
-        ]
-        excess = len(pending) - limit
+        unauthenticated = self._bucket(protocol, SessionState.UNAUTHENTICATED)
+        authenticating = self._bucket(protocol, SessionState.AUTHENTICATING)
+        excess = len(unauthenticated.members) + len(authenticating.members) - limit
         if excess <= 0:
             return []
-        candidates = [s for s in pending if s is not newcomer]
-        order = {SessionState.UNAUTHENTICATED: 0, SessionState.AUTHENTICATING: 1}
-        candidates.sort(key=lambda s: (order[s.state], s.started, s.serial))
-        return candidates[:excess]
+        victims = unauthenticated.oldest(excess, newcomer)
+        if len(victims) < excess:
+            victims += authenticating.oldest(excess - len(victims), newcomer)
+        return victims
 
     def claim_login(self, info: SessionInfo, user: str, limit: int) -> list[SessionInfo]:
         """Count C{info} as an authenticated session of VPN user C{user} and return the
-        sessions of that user that must be logged off so that at most C{limit} remain
-        [5.5]: the one idle longest first, ties broken by age.  Raises L{LoginRefused}
-        when C{limit} is 0.
+        sessions that must be logged off so that at most C{limit} logins of that user
+        remain [5.5].  A login is one VPN user from one client address over one
+        protocol: the connections of a login count once, and a log-off takes all of
+        them.  The login idle longest goes first (its most recent activity is the
+        oldest), ties broken by age.  Raises L{LoginRefused} when C{limit} is 0.
         """
         if limit <= 0:
             raise LoginRefused(f"simultaneous_logins is 0 for user {user!r}")
-        others = [
-            s
-            for s in self._sessions.values()
-            if s is not info and s.user == user and s.state is SessionState.AUTHENTICATED and not s.closing
-        ]
+        logins: dict[tuple[str, str], list[SessionInfo]] = {}
+        for other in self._by_user.get(user, ()):
+            if other is not info and not other.closing:
+                logins.setdefault((other.client_ip, other.protocol), []).append(other)
         info.user = user
         self.set_state(info, SessionState.AUTHENTICATED)
-        excess = len(others) + 1 - limit
+        mine = logins.get((info.client_ip, info.protocol))
+        if mine is not None:
+            # Another connection of a login already counted.
+            info.login_id = mine[0].login_id or mine[0].session_id
+            return []
+        info.login_id = info.session_id
+        excess = len(logins) + 1 - limit
         if excess <= 0:
             return []
-        others.sort(key=lambda s: (s.last_activity, s.started, s.serial))
-        return others[:excess]
+
+        def idleness(sessions: list[SessionInfo]) -> tuple[float, float, int]:
+            return (
+                max(s.last_activity for s in sessions),
+                min(s.started for s in sessions),
+                min(s.serial for s in sessions),
+            )
+
+        ordered = sorted(logins.values(), key=idleness)
+        return [s for sessions in ordered[:excess] for s in sorted(sessions, key=lambda s: s.serial)]
 
     def release_login(self, info: SessionInfo) -> None:
         """Undo L{claim_login} (the mailhost login failed afterwards)."""
         self.set_state(info, SessionState.UNAUTHENTICATED)
         info.user = None
         info.group_policy = None
+        info.login_id = None

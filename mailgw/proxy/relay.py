@@ -195,8 +195,8 @@ class Relay:
         cancel_timer(self._client_timer)
         self.close()
 
-    def server_lost(self) -> None:
-        """The server connection is gone: close the client side."""
+    def server_lost(self, goodbye: bytes = b"") -> None:
+        """The server connection is gone: close the client side (after C{goodbye})."""
         self._server_gone = True
         cancel_timer(self._server_timer)
-        self.close()
+        self.close(goodbye)
