@@ -63,7 +63,7 @@ class SessionLimitTests(SynchronousTestCase):
                 scans[0] += 1
                 return super().__iter__()
 
-        self.registry._sessions = Counting(self.registry._sessions)  # noqa: SLF001 - counting its scans
+        self.registry._sessions = Counting(self.registry._sessions)
         calls[0] = 0
         newcomer = self.open()
         victims = self.registry.over_limit("pop3", 5_000, newcomer)
