@@ -258,6 +258,10 @@ class ProxyConfig:
     authorization: CertificateAuthorizationConfig
     max_login_line: int = 4096
     max_login_literal: int = 4096
+    #: ``[smtps]`` only: the SIZE advertised while the default server's own is not known
+    #: (0 = SIZE without a limit), and the seconds between two readings of its EHLO
+    fallback_message_size: int = 10240000
+    capabilities_refresh: int = 600
 
     def listen_ports(self) -> tuple[Listener, ...]:
         """The ports ``tls_support`` opens [4.1] (whether or not the proxy is enabled)."""
@@ -274,13 +278,15 @@ class ProxyConfig:
 class LocalGroup:
     """
     ``protocol = "local"``: users and hashes in a TOML file.  ``max_pending``, in every
-    group: the checks queued or running at once (0 = no limit) [4.10].
+    group: the checks queued or running at once (0 = no limit) [4.10]; ``cache_ttl``,
+    in every group: seconds a successful check is remembered (0 = off) [5.6].
     """
 
     name: str
     protocol: str
     users_file: Path
     max_pending: int = 64
+    cache_ttl: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +311,7 @@ class LdapGroup:
     group_policy_map: Mapping[str, str]
     timeout: float
     max_pending: int = 64
+    cache_ttl: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +334,7 @@ class RadiusGroup:
     timeout: float
     retries: int
     max_pending: int = 64
+    cache_ttl: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +358,7 @@ class Pop3Group:
     servers: tuple[Pop3Server, ...]
     strip_domain: bool
     max_pending: int = 64
+    cache_ttl: int = 300
 
 
 AAAServerGroup: TypeAlias = LocalGroup | LdapGroup | RadiusGroup | Pop3Group
@@ -1179,6 +1188,11 @@ def _parse_proxy(t: _Table, protocol: str, base: Path) -> ProxyConfig:
     idle_timeout = t.integer("idle_timeout", 1800, minimum=1)
     max_login_line = t.integer("max_login_line", 4096, minimum=512, maximum=65536)
     max_login_literal = t.integer("max_login_literal", 4096, minimum=0, maximum=65536)
+    fallback_message_size, capabilities_refresh = 10240000, 600
+    if protocol == "smtps":
+        # The SIZE of the gateway's EHLO before AUTH while the server's is not known [4.5].
+        fallback_message_size = t.integer("fallback_message_size", 10240000, minimum=0, maximum=2**53)
+        capabilities_refresh = t.integer("capabilities_refresh", 600, minimum=10, maximum=86400)
     default_server = _parse_upstream(t.table("default_server"), protocol, base)
     authorization = _parse_certificate_authorization(t.table("authorization"))
     t.finish()
@@ -1204,6 +1218,8 @@ def _parse_proxy(t: _Table, protocol: str, base: Path) -> ProxyConfig:
         authorization=authorization,
         max_login_line=max_login_line,
         max_login_literal=max_login_literal,
+        fallback_message_size=fallback_message_size,
+        capabilities_refresh=capabilities_refresh,
     )
 
 
@@ -1289,6 +1305,8 @@ def _parse_server_groups(root: _Table, base: Path) -> tuple[tuple[AAAServerGroup
             group = _parse_pop3_group(t, name, base)
         # every protocol: the bound on checks queued or in flight [4.10]
         group = replace(group, max_pending=t.integer("max_pending", 64, minimum=0))
+        # every protocol: seconds a successful check is remembered [5.6]
+        group = replace(group, cache_ttl=t.integer("cache_ttl", 300, minimum=0, maximum=86400))
         t.finish()
         groups.append(group)
         paths.append(t.path)

@@ -34,6 +34,7 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from mailgw.auth.cache import AuthCache
 from mailgw.auth.portal import AAAUnavailable
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 
@@ -111,6 +112,35 @@ class _SessionCollector(Collector):
         )
 
 
+class _CacheCollector(Collector):
+    """The authentication cache's hits and misses per group [5.6], read at scrape
+    time from the cache's own counters (no work per login)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        cache = self._metrics.auth_cache
+        if cache is not None:
+            for group, count in sorted(cache.hits.items()):
+                family.add_metric([group, "hit"], count)
+            for group, count in sorted(cache.misses.items()):
+                family.add_metric([group, "miss"], count)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "mailgw_aaa_cache_lookups",
+            "Authentication cache lookups by server group and result (hit or miss) [5.6].",
+            labels=["group", "result"],
+        )
+
+
 class Metrics:
     """The gateway's series, in a registry of their own.
 
@@ -122,11 +152,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.aaa_health = {}
         self.sessions = sessions
+        #: the authentication cache read at scrape time (set by the service)
+        self.auth_cache: AuthCache | None = None
         self._closed_bytes: dict[tuple[str, str], int] = {
             (protocol, direction): 0 for protocol in PROTOCOLS for direction in DIRECTIONS
         }
         registry = self.registry
         self.registry.register(_SessionCollector(self))
+        self.registry.register(_CacheCollector(self))
         self._logins_ok = Counter(
             "mailgw_logins_ok", "Successful logins (relay started), by protocol.", ["protocol"], registry=registry
         )

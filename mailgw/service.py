@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailgw.admin.channel import admin_service
 from mailgw.admin.responder import GatewayAdminBackend
+from mailgw.auth.cache import AuthCache, CachingChecker
 from mailgw.auth.ldap import LdapChecker
 from mailgw.auth.limits import FairPool, PenaltyTable, PendingLimit
 from mailgw.auth.local import LocalUsersChecker
@@ -154,6 +155,9 @@ class GatewayService(MultiService):
         self.install_signal_handlers = install_signal_handlers
         self.registry = SessionRegistry(reactor)
         self.metrics = Metrics(self.registry)
+        #: remembered successful checks [5.6]; its HMAC key is made here, per process
+        self.auth_cache = AuthCache(reactor)
+        self.metrics.auth_cache = self.auth_cache
         self.notifier = SystemdNotifier()
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
         # Password hashing and ldap3 each get their own bounded pool, so an LDAP
@@ -279,7 +283,9 @@ class GatewayService(MultiService):
                     _radius_authorizer(checker), group.name, reactor
                 )
             checkers[group.name] = checker
-            portals[group.name] = make_portal(self.metrics.timed_checker(checker, group.name, reactor), realm)
+            timed = self.metrics.timed_checker(checker, group.name, reactor)
+            front = CachingChecker(timed, group.name, self.auth_cache, group.cache_ttl) if group.cache_ttl else timed
+            portals[group.name] = make_portal(front, realm)
         accounting: dict[str, RadiusAccounting] = {}
         old_config: Config | None = getattr(self, "config", None)
         for proxy in config.proxies():
@@ -300,7 +306,15 @@ class GatewayService(MultiService):
                     self.radius, group, config.gateway.node_name
                 )
 
-        # Nothing above failed: switch over.
+        # Nothing above failed: switch over.  A group that changed (or went) forgets
+        # what its cache remembered [5.6].
+        if old_config is not None:
+            new_groups = {g.name: g for g in config.aaa_server_groups}
+            for old_group in old_config.aaa_server_groups:
+                # A local group's users file is read again by each reload: a user
+                # removed there must not live on in the cache.
+                if new_groups.get(old_group.name) != old_group or isinstance(old_group, LocalGroup):
+                    self.auth_cache.flush(old_group.name)
         old_checkers = self.checkers
         self.config = config
         self.server_tls = server_tls

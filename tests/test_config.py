@@ -311,6 +311,31 @@ RULES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["smtps.max_login_literal: must be an integer, got boolean"],
     ),
     (
+        "fallbackMessageSizeNegative",
+        {"smtps": {"fallback_message_size": -1}},
+        ["smtps.fallback_message_size: must be 0..9007199254740992, got -1"],
+    ),
+    (
+        "fallbackMessageSizeIsAnInteger",
+        {"smtps": {"fallback_message_size": "10M"}},
+        ["smtps.fallback_message_size: must be an integer, got string"],
+    ),
+    (
+        "capabilitiesRefreshTooShort",
+        {"smtps": {"capabilities_refresh": 9}},
+        ["smtps.capabilities_refresh: must be 10..86400, got 9"],
+    ),
+    (
+        "capabilitiesRefreshTooLong",
+        {"smtps": {"capabilities_refresh": 86401}},
+        ["smtps.capabilities_refresh: must be 10..86400, got 86401"],
+    ),
+    (
+        "smtpCapabilityKeysAreSmtpOnly",
+        {"pop3s": {"fallback_message_size": 1000}, "imap4s": {"capabilities_refresh": 60}},
+        ["pop3s.fallback_message_size: unknown key", "imap4s.capabilities_refresh: unknown key"],
+    ),
+    (
         "maxPendingLocal",
         {"aaa_server_group": [{"name": "LOCAL", "protocol": "local", "max_pending": -1}]},
         ["aaa_server_group[0].max_pending: must be at least 0, got -1"],
@@ -324,6 +349,16 @@ RULES: list[tuple[str, dict[str, Any], list[str]]] = [
         "maxPendingRadiusIsAnInteger",
         {"aaa_server_group": with_groups(radius_group(max_pending="64"))},
         ["aaa_server_group[1].max_pending: must be an integer, got string"],
+    ),
+    (
+        "cacheTtlNegative",
+        {"aaa_server_group": [{"name": "LOCAL", "protocol": "local", "cache_ttl": -1}]},
+        ["aaa_server_group[0].cache_ttl: must be 0..86400, got -1"],
+    ),
+    (
+        "cacheTtlIsAnInteger",
+        {"aaa_server_group": with_groups(radius_group(cache_ttl="300"))},
+        ["aaa_server_group[1].cache_ttl: must be an integer, got string"],
     ),
     (
         "maxPendingPop3IsAnInteger",
@@ -809,6 +844,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("listenBacklogEdges", {"gateway": {"listen_backlog": 1}, "pop3s": {"max_login_line": 512}}),
     ("loginLimitEdges", {"imap4s": {"max_login_line": 65536, "max_login_literal": 0}}),
     ("loginLiteralOnEveryProxy", {p: {"max_login_literal": 65536} for p in ("pop3s", "imap4s", "smtps")}),
+    ("smtpCapabilityEdges", {"smtps": {"fallback_message_size": 0, "capabilities_refresh": 10}}),
     (
         "maxPendingZeroIsNoLimit",
         {
@@ -1175,6 +1211,16 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(config.gateway.listen_backlog, 511)
         self.assertEqual({(p.max_login_line, p.max_login_literal) for p in config.proxies()}, {(4096, 4096)})
         self.assertEqual({g.max_pending for g in config.aaa_server_groups}, {64})
+        self.assertEqual((config.smtps.fallback_message_size, config.smtps.capabilities_refresh), (10240000, 600))
+
+    def test_smtpCapabilityKeys(self) -> None:
+        """[smtps] fallback_message_size and capabilities_refresh are read as given."""
+        config = parse_config(
+            merge(base(), {"smtps": {"fallback_message_size": 52428800, "capabilities_refresh": 3600}}),
+            BASE_DIR,
+            check_files=False,
+        )
+        self.assertEqual((config.smtps.fallback_message_size, config.smtps.capabilities_refresh), (52428800, 3600))
 
 
 class HelperTests(SynchronousTestCase):
@@ -1718,6 +1764,8 @@ LIMIT_KEYS: list[tuple[tuple[str | int, ...], int, int | None]] = [
     (("aaa_server_group", 0, "max_pending"), 0, None),  # local
     (("aaa_server_group", 1, "max_pending"), 0, None),  # radius
     (("aaa_server_group", 2, "max_pending"), 0, None),  # pop3
+    (("aaa_server_group", 0, "cache_ttl"), 0, 86400),  # local
+    (("aaa_server_group", 1, "cache_ttl"), 0, 86400),  # radius
     (("aaa_server_group", 3, "max_pending"), 0, None),  # ldap
 ]
 
