@@ -392,12 +392,20 @@ class SessionRulesTests(POP3IntegrationBase):
         await in_thread(client.quit)
 
     async def test_simultaneousLoginsOne(self) -> None:
-        """simultaneous_logins = 1: a second login of the same user logs off the
-        first session (its client sees the connection close) and proceeds."""
+        """simultaneous_logins = 1: a second login of the same user (from another
+        address: one address is one login [5.5]) logs off the first session (its
+        client sees the connection close) and proceeds."""
         first = await in_thread(self.pop3s)
         await in_thread(first.user, "bob")
         await in_thread(first.pass_, "bob-mail")
-        second = await in_thread(self.pop3s)
+        context = self.client_context()
+
+        class FromOtherAddress(poplib.POP3_SSL):
+            def _create_socket(self, timeout: float) -> socket.socket:
+                raw = socket.create_connection((self.host, self.port), timeout, source_address=("127.0.0.2", 0))
+                return context.wrap_socket(raw, server_hostname=self.host)
+
+        second = await in_thread(FromOtherAddress, "127.0.0.1", self.gateway.port(), None, None, 30, context)
         await in_thread(second.user, "bob")
         await in_thread(second.pass_, "bob-mail")
         with self.assertRaises((poplib.error_proto, OSError, EOFError)):
