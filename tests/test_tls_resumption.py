@@ -32,11 +32,11 @@ class ResumptionTests(TestCase):
             with context.wrap_socket(raw, server_hostname="localhost") as first:
                 read_until(first, b"\r\n")  # TLS 1.3 tickets come after the handshake
                 session = first.session
-                first_reused = first.session_reused
+                first_reused = bool(first.session_reused)
         with socket.create_connection(("127.0.0.1", port)) as raw:
             with context.wrap_socket(raw, server_hostname="localhost", session=session) as second:
                 read_until(second, b"\r\n")
-                return first_reused, second.session_reused
+                return first_reused, bool(second.session_reused)
 
     async def test_tls13TicketResumes(self) -> None:
         """A TLS 1.3 client reconnecting with its ticket resumes."""
