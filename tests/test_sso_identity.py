@@ -52,7 +52,7 @@ class IdentityTableTests(SynchronousTestCase):
         self.assertIsNotNone(self.table.lookup("10.0.0.6"))
         self.clock.advance(30)
         self.assertIsNone(self.table.lookup("10.0.0.6"))
-        self.assertEqual([c for c, _, _ in self.changes].count(Change.STOP), 2)
+        self.assertEqual([c for c, _, _ in self.changes].count(Change.EXPIRE), 2)
 
     def test_remove(self) -> None:
         """remove ends an entry (logout, mailgwctl sso remove)."""

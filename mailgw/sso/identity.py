@@ -32,7 +32,10 @@ class Change(enum.Enum):
 
     START = "start"
     RENEW = "renew"
+    #: ended by a logout, a removal or a replacement
     STOP = "stop"
+    #: ended because it was not renewed within the ttl (or dropped by the bound)
+    EXPIRE = "expire"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,7 @@ class IdentityTable:
         self._tell(Change.START, identity)
         while len(self._entries) > self._max:
             _, dropped = self._entries.popitem(last=False)
-            self._tell(Change.STOP, dropped)
+            self._tell(Change.EXPIRE, dropped)
         return identity
 
     def restore(self, identity: Identity) -> None:
@@ -156,7 +159,8 @@ class IdentityTable:
         """The live entry for C{ip}, if any (an expired one ends now)."""
         identity = self._entries.get(ip)
         if identity is not None and identity.expires <= self._clock.seconds():
-            self.remove(ip)
+            del self._entries[ip]
+            self._tell(Change.EXPIRE, identity)
             return None
         return identity
 
@@ -177,5 +181,5 @@ class IdentityTable:
                 break
             del self._entries[ip]
             ended.append(identity)
-            self._tell(Change.STOP, identity)
+            self._tell(Change.EXPIRE, identity)
         return ended
