@@ -3,11 +3,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TRIAL_ARGS ?= -j2 tests
+# e.g. make run DEMO_ARGS='--run-dir /tmp/other-demo'
+DEMO_ARGS ?=
+DEMO_PACKAGES := dovecot-core dovecot-pop3d dovecot-imapd dovecot-submissiond curl python3-venv
 
-.PHONY: deps venv test run lint bench clean
+.PHONY: deps demo-deps venv test run lint bench clean
 
 deps:
 	scripts/install-deps
+
+demo-deps:
+	scripts/install-deps $(DEMO_PACKAGES)
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,11 +23,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# A green run removes its _trial_temp (hundreds of MB of mailboxes); a red one keeps
+# it for the logs.  Nothing is printed after the summary line CI reads.
 test: deps venv
-	$(PY) .ci/summary.py $(TRIAL_ARGS)
+	@status=0; $(PY) .ci/summary.py $(TRIAL_ARGS) || status=$$?; \
+	if [ $$status -eq 0 ]; then $(PY) scripts/clean-trial-temp; fi; exit $$status
 
-run: deps venv
-	$(PY) -m tests.servers.demo
+run: demo-deps venv
+	$(PY) -m tests.servers.demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check mailgw tests twisted bench

@@ -29,11 +29,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 
 from mailgw.auth.pop3 import logout, pop3_username
 from mailgw.tls import TLSConfigError
+from mailgw.tlsdiag import explain, verify_detail
 from mailgw.upstream import Connector, UpstreamLoginRejected, UpstreamTarget, UpstreamUnavailable
 from mailgw.upstream.pop3 import POP3UpstreamLogin
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -176,6 +177,30 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+#: the options of this command that fix a TLS failure
+TLS_HINTS = {"ca": "set --ca", "tls": "try --tls starttls or none"}
+
+
+async def explain_failure(reactor: Any, target: UpstreamTarget, reason: str) -> str:
+    """C{reason} with a raw TLS error in words; for a certificate that does not
+    verify, OpenSSL's reason found by a second handshake (in a thread)."""
+    detail = None
+    if "certificate verify failed" in reason and target.tls != "none":
+        pool = getattr(reactor, "getThreadPool", None)
+        if pool is not None:
+            detail = await threads.deferToThreadPool(
+                reactor,
+                pool(),
+                verify_detail,
+                target.host,
+                target.port,
+                target.tls,
+                ca=str(target.ca) if target.ca is not None else None,
+                check_hostname=target.verify_certificate,
+            )
+    return explain(reason, TLS_HINTS, detail=detail)
+
+
 async def attempt(
     connector: Connector,
     clock: IReactorTime,
@@ -197,8 +222,9 @@ async def attempt(
         transcript.note(f"login rejected: {e.reason}")
         return Outcome.REJECTED, e.reason
     except UpstreamUnavailable as e:
-        transcript.note(f"server unavailable: {e.reason}")
-        return Outcome.UNAVAILABLE, e.reason
+        reason = await explain_failure(clock, target, e.reason)
+        transcript.note(f"server unavailable: {reason}")
+        return Outcome.UNAVAILABLE, reason
     transcript.note("logged in")
     lines = LineBuffer(4096)
 
@@ -284,9 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="starttls",
         help="none, STLS (default) or TLS from the first byte",
     )
-    parser.add_argument("--strip-domain", action="store_true", help="send user@domain as user (strip_domain = true)")
+    parser.add_argument(
+        "--strip-domain",
+        action="store_true",
+        help="send user@domain as user, as strip_domain = true does (default: as given, then retried without the"
+        " domain if rejected)",
+    )
     parser.add_argument("--ca", metavar="PEM", type=Path, help="CA certificates for the server (default: system store)")
-    parser.add_argument("--no-verify", action="store_true", help="do not verify the server certificate (INSECURE)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="do not verify the server certificate, INSECURE (default: verify)"
+    )
     parser.add_argument("--timeout", metavar="SECONDS", type=float, default=10.0, help="per step (default: 10)")
     return parser
 

@@ -1,6 +1,15 @@
-"""twistd glue: ``usage.Options`` and ``makeService`` only."""
+"""twistd glue: ``usage.Options`` and ``makeService`` only.
+
+Whatever stops the daemon from starting ends with lines naming the problem and the
+fix and exit status 1, never a traceback nor twistd's usage text [8.4]: an invalid
+configuration (every problem, one per line), a problem of this machine found before
+anything starts (L{mailgw.startup.host_problems}), or a failure while the service
+tree is built or started (L{mailgw.startup.StartupGuard}).
+"""
 
 from __future__ import annotations
+
+import sys
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -20,14 +29,28 @@ class Options(usage.Options):
         try:
             self["config_object"] = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
-        except OSError as e:
-            raise usage.UsageError(f"cannot read configuration {self['config']}: {e.strerror}") from None
+            # Not a UsageError: twistd would print its whole usage text before the
+            # problems, burying them.  Logging has not started: this is the terminal.
+            sys.stderr.write(f"mailgw: invalid configuration {self['config']} (the daemon did not start):\n")
+            sys.stderr.write("".join(f"  {problem}\n" for problem in e.problems))
+            sys.stderr.write(f"mailgw: check it with: mailgwctl check-config {self['config']}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from mailgw.service import build
+    from mailgw.startup import START_ERRORS, StartupGuard, describe_start_error, host_problems, refuse_to_start
 
-    return build(options["config_object"], reactor, install_signal_handlers=True)
+    config = options["config_object"]
+    # Before twistd starts logging (and daemonizing): problems go to the terminal.
+    problems = host_problems(config, daemon=True)
+    if problems:
+        refuse_to_start(problems)
+    try:
+        gateway = build(config, reactor, install_signal_handlers=True)
+    except START_ERRORS as e:
+        refuse_to_start([describe_start_error(e, config)])
+    return StartupGuard(gateway, config)

@@ -107,6 +107,22 @@ STATUS = {
 }
 
 
+IDENTITY = {
+    "ip": "10.1.2.3",
+    "mac": None,
+    "user": "alice",
+    "source": "monitor",
+    "group_policy": None,
+    "first_seen": 1796190000.0,
+    "renewed": 1796193600.0,
+    "expires": 1796222400.0,
+    "session_id": "0123456789abcdef",
+    "expires_in": 28800.0,
+}
+
+SSO_OFF = "POP3 SSO is off in this daemon (sso.pop3.enabled = false): no identity table"
+
+
 @implementer(IAdminBackend)
 class FakeBackend:
     """Answers from canned data and records the calls."""
@@ -122,6 +138,14 @@ class FakeBackend:
             "2": {"id": "2", "domain": "example.com", "host": "pop.other.net", "username": "info",
                   "enabled": False, "password": "remote-pop-pw-4711"},
         }  # fmt: skip
+        self.sso_enabled = True
+        self.identities: dict[str, dict[str, Any]] = {
+            "10.1.2.3": dict(IDENTITY),
+            "2001:db8::5": dict(IDENTITY, ip="2001:db8::5", user="bob", source="inline", mac="00:11:22:33:44:55",
+                                group_policy="Staff", expires_in=59.0),
+        }  # fmt: skip
+        #: the authentication cache: (group, user)
+        self.cache = {("LOCAL", "alice"), ("LOCAL", "bob"), ("RAD", "carol")}
 
     def status(self) -> dict[str, Any]:
         self.calls.append(("status",))
@@ -162,6 +186,45 @@ class FakeBackend:
                 "default_group_policy_from": "pop3s",
                 "latency_ms": 3.5,
             }
+        )  # fmt: skip
+
+    def aaa_flush(self, group: str | None, user: str | None) -> dict[str, Any]:
+        self.calls.append(("aaa_flush", group, user))
+        if group not in (None, "LOCAL", "RAD"):
+            raise cmd.NoSuchGroup(f"no AAA server group {group!r} (groups: LOCAL, RAD)")
+        doomed = {k for k in self.cache if group in (None, k[0]) and user in (None, k[1])}
+        self.cache -= doomed
+        return {"group": group, "user": user, "flushed": len(doomed), "remaining": len(self.cache)}
+
+    def _sso(self) -> dict[str, dict[str, Any]]:
+        if not self.sso_enabled:
+            raise cmd.NotAvailable(SSO_OFF)
+        return self.identities
+
+    def sso_list(self) -> list[dict[str, Any]]:
+        self.calls.append(("sso_list",))
+        return list(self._sso().values())
+
+    def sso_lookup(self, ip: str) -> dict[str, Any]:
+        self.calls.append(("sso_lookup", ip))
+        if ip not in self._sso():
+            raise cmd.NoSuchIdentity(f"no SSO identity for {ip}")
+        return self.identities[ip]
+
+    def sso_remove(self, ip: str) -> dict[str, Any]:
+        self.calls.append(("sso_remove", ip))
+        if ip not in self._sso():
+            raise cmd.NoSuchIdentity(f"no SSO identity for {ip}")
+        return self.identities.pop(ip)
+
+    def sso_replay(self, path: str) -> defer.Deferred[dict[str, Any]]:
+        self.calls.append(("sso_replay", path))
+        self._sso()
+        if not path.endswith(".pcap"):
+            return defer.fail(cmd.ReplayFailed(f"{path} is not a capture file this gateway can read: bad magic"))
+        return defer.succeed(
+            {"path": path, "frames": 42, "logins": 3, "learnt": 2, "outside_policy": 1, "streams_tls": 1,
+             "statistics": {"frames": 42, "logins": 3}}
         )  # fmt: skip
 
     def _account(self, account_id: str) -> dict[str, Any]:
@@ -362,6 +425,49 @@ class ResponderTests(SynchronousTestCase):
     def test_aaaTestUnknownGroup(self) -> None:
         """An unknown group comes back as NoSuchGroup."""
         self.failureResultOf(self.pair.remote(cmd.AaaTest, group="X", user="a", password="p"), cmd.NoSuchGroup)
+
+    def test_aaaFlush(self) -> None:
+        """AaaFlush passes the group and user (None when left out) and answers with
+        the count; an unknown group comes back as NoSuchGroup naming the known ones."""
+        result = self.successResultOf(self.pair.remote(cmd.AaaFlush, group="LOCAL", user="alice"))["result"]
+        self.assertEqual((result["flushed"], result["remaining"]), (1, 2))
+        self.assertEqual(self.successResultOf(self.pair.remote(cmd.AaaFlush, group="LOCAL"))["result"]["flushed"], 1)
+        self.assertEqual(self.successResultOf(self.pair.remote(cmd.AaaFlush))["result"]["flushed"], 1)
+        self.assertEqual(
+            self.backend.calls,
+            [("aaa_flush", "LOCAL", "alice"), ("aaa_flush", "LOCAL", None), ("aaa_flush", None, None)],
+        )
+        failure = self.failureResultOf(self.pair.remote(cmd.AaaFlush, group="NOPE"), cmd.NoSuchGroup)
+        self.assertEqual(str(failure.value), "no AAA server group 'NOPE' (groups: LOCAL, RAD)")
+
+    def test_ssoCommands(self) -> None:
+        """SsoList, SsoLookup and SsoRemove answer with the entries; an address
+        without one is NoSuchIdentity; SsoReplay passes the path and answers with
+        the counts, or ReplayFailed."""
+        identities = self.successResultOf(self.pair.remote(cmd.SsoList))["identities"]
+        self.assertEqual([i["ip"] for i in identities], ["10.1.2.3", "2001:db8::5"])
+        self.assertEqual(self.successResultOf(self.pair.remote(cmd.SsoLookup, ip="10.1.2.3"))["identity"], IDENTITY)
+        removed = self.successResultOf(self.pair.remote(cmd.SsoRemove, ip="10.1.2.3"))["identity"]
+        self.assertEqual(removed["user"], "alice")
+        failure = self.failureResultOf(self.pair.remote(cmd.SsoLookup, ip="10.1.2.3"), cmd.NoSuchIdentity)
+        self.assertEqual(str(failure.value), "no SSO identity for 10.1.2.3")
+        self.failureResultOf(self.pair.remote(cmd.SsoRemove, ip="10.1.2.3"), cmd.NoSuchIdentity)
+        result = self.successResultOf(self.pair.remote(cmd.SsoReplay, path="/tmp/c.pcap"))["result"]
+        self.assertEqual((result["frames"], result["learnt"]), (42, 2))
+        self.failureResultOf(self.pair.remote(cmd.SsoReplay, path="/tmp/c.txt"), cmd.ReplayFailed)
+        self.assertEqual(self.backend.calls[-2:], [("sso_replay", "/tmp/c.pcap"), ("sso_replay", "/tmp/c.txt")])
+
+    def test_ssoNotAvailable(self) -> None:
+        """With SSO off every sso command comes back as NotAvailable."""
+        self.backend.sso_enabled = False
+        for command, arguments in [
+            (cmd.SsoList, {}),
+            (cmd.SsoLookup, {"ip": "10.1.2.3"}),
+            (cmd.SsoRemove, {"ip": "10.1.2.3"}),
+            (cmd.SsoReplay, {"path": "/tmp/c.pcap"}),
+        ]:
+            failure = self.failureResultOf(self.pair.remote(command, **arguments), cmd.NotAvailable)
+            self.assertEqual(str(failure.value), SSO_OFF)
 
     def test_accountsList(self) -> None:
         """AccountsList passes the domain and answers without passwords."""
@@ -625,6 +731,41 @@ class GatewayBackendTests(TestCase):
     def test_aaaTestUnknownGroup(self) -> None:
         """An unknown group is NoSuchGroup."""
         self.assertRaises(cmd.NoSuchGroup, self.backend.aaa_test, "NOPE", "alice", "x")
+
+    async def test_aaaFlush(self) -> None:
+        """aaa flush forgets what the authentication cache remembers of a user, a
+        group or all, and says how many; an unknown group is NoSuchGroup naming the
+        known ones; a user without a group is InvalidArgument."""
+        cache = self.service.auth_cache
+        self.assertEqual((await self.backend.aaa_test("LOCAL", "alice", SECRETS[2]))["result"], "accepted")
+        self.assertEqual(len(cache), 1)
+        self.assertEqual(self.backend.aaa_flush("LOCAL", "mallory")["flushed"], 0)
+        result = self.backend.aaa_flush("LOCAL", "alice")
+        self.assertEqual(result, {"group": "LOCAL", "user": "alice", "cache_ttl": 300, "flushed": 1, "remaining": 0})
+        self.assertEqual(len(cache), 0)
+        await self.backend.aaa_test("LOCAL", "alice", SECRETS[2])
+        self.assertEqual(self.backend.aaa_flush("LOCAL", None)["flushed"], 1)
+        await self.backend.aaa_test("LOCAL", "alice", SECRETS[2])
+        self.assertEqual(self.backend.aaa_flush(None, None)["flushed"], 1)
+        with self.assertRaises(cmd.NoSuchGroup) as caught:
+            self.backend.aaa_flush("NOPE", None)
+        self.assertEqual(str(caught.exception), "no AAA server group 'NOPE' (groups: LOCAL, DIR, RAD)")
+        self.assertRaises(cmd.InvalidArgument, self.backend.aaa_flush, None, "alice")
+        assert_no_secret(self, result)
+
+    def test_ssoOff(self) -> None:
+        """With sso.pop3.enabled = false every sso command is NotAvailable, saying
+        so; status says SSO is not configured."""
+        for call in (
+            self.backend.sso_list,
+            lambda: self.backend.sso_lookup("10.0.0.1"),
+            lambda: self.backend.sso_remove("10.0.0.1"),
+            lambda: self.backend.sso_replay("/tmp/x.pcap"),
+        ):
+            with self.assertRaises(cmd.NotAvailable) as caught:
+                call()
+            self.assertEqual(str(caught.exception), SSO_OFF)
+        self.assertEqual(self.backend.status()["sso"]["state"], "not configured")
 
     def test_reloadNotWired(self) -> None:
         """Without a reload callable, reload is NotAvailable; with one, it is called."""
@@ -949,7 +1090,7 @@ class CtlTests(SynchronousTestCase):
         run = CtlRun(["--socket", "/tmp/s.sock", "--timeout", "7", "status"])
         self.assertEqual(run.connected, [("/tmp/s.sock", 7.0)])
         run = CtlRun(["status"])
-        self.assertEqual(run.connected, [("/run/mailgw/admin.sock", 300.0)])
+        self.assertEqual(run.connected, [("/run/mailgw/admin.sock", 60.0)])
 
     def test_socketFromConfig(self) -> None:
         """--config reads admin.socket, resolved against the configuration's folder."""
@@ -957,7 +1098,7 @@ class CtlTests(SynchronousTestCase):
         config = directory / "mailgw.toml"
         config.write_text('[admin]\nsocket = "run/admin.sock"\n[gateway]\nbogus = 1\n')
         run = CtlRun(["--config", str(config), "status"])
-        self.assertEqual(run.connected, [(str(directory / "run" / "admin.sock"), 300.0)])
+        self.assertEqual(run.connected, [(str(directory / "run" / "admin.sock"), 60.0)])
         config.write_text("[gateway]\n")
         self.assertEqual(socket_from_config(config), "/run/mailgw/admin.sock")
         config.write_text("[admin\n")
@@ -1043,6 +1184,86 @@ class CtlTests(SynchronousTestCase):
         """An unknown group: the message, exit 1."""
         run = CtlRun(["aaa", "test", "NOPE", "alice"], stdin=StringIO("x\n"))
         self.assertEqual((run.status, run.err), (1, "mailgwctl: no AAA server group 'NOPE'\n"))
+
+    def test_aaaFlush(self) -> None:
+        """aaa flush [GROUP [USER]]: how many cached logins were forgotten, of whom;
+        an unknown group: the known ones named, exit 1."""
+        run = CtlRun(["aaa", "flush", "LOCAL", "alice"])
+        self.assertEqual((run.status, run.out), (0, "1 cached login forgotten (user alice of group LOCAL)\n"), run.err)
+        self.assertEqual(run.backend.calls, [("aaa_flush", "LOCAL", "alice")])
+        self.assertEqual(CtlRun(["aaa", "flush", "LOCAL"]).out, "2 cached logins forgotten (group LOCAL)\n")
+        run = CtlRun(["aaa", "flush", "--json"])
+        self.assertEqual((run.status, json.loads(run.out)["flushed"]), (0, 3))
+        run = CtlRun(["aaa", "flush", "NOPE"])
+        self.assertEqual((run.status, run.out), (1, ""))
+        self.assertEqual(run.err, "mailgwctl: no AAA server group 'NOPE' (groups: LOCAL, RAD)\n")
+
+    def test_ssoList(self) -> None:
+        """sso list: one row per entry, times as date-times and durations; --json
+        keeps the numbers."""
+        run = CtlRun(["sso", "list"])
+        self.assertEqual(run.status, 0, run.err)
+        lines = run.out.splitlines()
+        self.assertRegex(lines[0], r"^IP +USER +SOURCE +GROUP POLICY +MAC +FIRST SEEN +RENEWED +EXPIRES IN$")
+        self.assertRegex(lines[1], r"^10\.1\.2\.3 +alice +monitor +- +- +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d +.* 8h 00m$")
+        self.assertRegex(lines[2], r"^2001:db8::5 +bob +inline +Staff +00:11:22:33:44:55 .* 59s$")
+        self.assertNotIn("17961", run.out)
+        run = CtlRun(["--json", "sso", "list"])
+        self.assertEqual(json.loads(run.out)[0], IDENTITY)
+        backend = FakeBackend()
+        backend.identities = {}
+        self.assertEqual(CtlRun(["sso", "list"], backend).out, "no SSO identities\n")
+
+    def test_ssoLookupAndRemove(self) -> None:
+        """sso lookup IP shows the entry; sso remove IP ends it; an address without
+        an entry exits 1 with one line; a value that is no address is a usage error,
+        sent nowhere; an address is sent in its canonical form."""
+        run = CtlRun(["sso", "lookup", "10.1.2.3"])
+        self.assertEqual(run.status, 0, run.err)
+        self.assertTrue(run.out.startswith("10.1.2.3: alice (monitor)\n"), run.out)
+        self.assertRegex(run.out, r"\n  expires: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n  expires in: 8h 00m\n")
+        self.assertIn("  session id: 0123456789abcdef\n", run.out)
+        self.assertNotIn("17961", run.out)
+        run = CtlRun(["sso", "lookup", "--json", "2001:DB8:0::5"])
+        self.assertEqual(json.loads(run.out)["user"], "bob")
+        self.assertEqual(run.backend.calls, [("sso_lookup", "2001:db8::5")])
+        run = CtlRun(["sso", "remove", "10.1.2.3"])
+        self.assertEqual((run.status, run.out), (0, "SSO identity of alice at 10.1.2.3 removed\n"))
+        run = CtlRun(["sso", "lookup", "10.9.9.9"])
+        self.assertEqual((run.status, run.out, run.err), (1, "", "mailgwctl: no SSO identity for 10.9.9.9\n"))
+        run = CtlRun(["sso", "remove", "alice"])
+        self.assertEqual((run.status, run.backend.calls), (2, []))
+        self.assertIn("argument IP: not an IP address: 'alice'", run.err)
+
+    def test_ssoReplay(self) -> None:
+        """sso replay FILE sends the file's absolute path (the daemon reads it) and
+        prints the counts; a file the daemon cannot use exits 1 with one line."""
+        run = CtlRun(["sso", "replay", "captures/c.pcap"])
+        self.assertEqual(run.status, 0, run.err)
+        path = os.path.abspath("captures/c.pcap")
+        self.assertEqual(run.backend.calls, [("sso_replay", path)])
+        self.assertEqual(
+            run.out,
+            f"{path}: 42 frames, 3 POP3 logins seen, 2 learnt, 1 outside sso.pop3.policy;"
+            " 1 POP3 connection in TLS (not readable)\n",
+        )
+        self.assertEqual(json.loads(CtlRun(["--json", "sso", "replay", "/c.pcap"]).out)["learnt"], 2)
+        run = CtlRun(["sso", "replay", "/etc/passwd"])
+        self.assertEqual(run.status, 1)
+        self.assertEqual(run.err, "mailgwctl: /etc/passwd is not a capture file this gateway can read: bad magic\n")
+
+    def test_ssoOff(self) -> None:
+        """With SSO off every sso command says so in one line and exits 1; an unknown
+        sso action lists the valid ones (exit 2)."""
+        backend = FakeBackend()
+        backend.sso_enabled = False
+        for argv in (["sso", "list"], ["sso", "lookup", "10.1.2.3"], ["sso", "remove", "10.1.2.3"],
+                     ["--json", "sso", "replay", "/c.pcap"]):  # fmt: skip
+            run = CtlRun(argv, backend)
+            self.assertEqual((run.status, run.out, run.err), (1, "", f"mailgwctl: {SSO_OFF}\n"), argv)
+        run = CtlRun(["sso", "bogus"])
+        self.assertEqual(run.status, 2)
+        self.assertIn("invalid choice: 'bogus' (choose from 'list', 'lookup', 'remove', 'replay')", run.err)
 
     def test_accountsList(self) -> None:
         """accounts list: a table of the accounts, --domain passed; no password."""
@@ -1134,5 +1355,5 @@ class CtlTests(SynchronousTestCase):
     def test_helpListsCommands(self) -> None:
         """--help lists the daemon commands."""
         run = CtlRun(["--help"])
-        for name in ("status", "sessions", "kill", "reload", "aaa", "accounts"):
+        for name in ("status", "sessions", "kill", "reload", "aaa", "accounts", "sso"):
             self.assertIn(name, run.out)

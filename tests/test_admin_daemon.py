@@ -5,11 +5,17 @@ Python's poplib as the mail client (in a thread, so the reactor stays free)."""
 from __future__ import annotations
 
 import json
+import os
 import poplib
+import pty
+import re
+import select
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
 from tests.servers.smtpsink import SmtpSink
 from tests.test_daemon import Collector, spawn_twistd
+from tests.test_sso_admin import SERVER, write_capture
 
 MAILGWCTL = str(Path(sys.executable).parent / "mailgwctl")
 PASSWORD = "alice-mail-7391"
@@ -298,6 +305,179 @@ def _quietly_close(pop: poplib.POP3_SSL) -> None:
         pop.close()
 
 
+def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """mailgwctl with its stdout a pipe whose reader is gone (blocking: in a thread)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([MAILGWCTL, *args], stdout=write, stderr=subprocess.PIPE, check=False, timeout=30)
+    finally:
+        os.close(write)
+
+
+def pty_run(argv: list[str], answers: list[tuple[bytes, bytes]], timeout: float = 30.0) -> tuple[int, bytes]:
+    """Run C{argv} on a new pseudo-terminal (its only terminal: no controlling one, as
+    under ssh without -t it would be /dev/tty); for each (prompt, answer) wait for the
+    prompt and type the answer.  Returns the exit status and everything the terminal
+    showed (blocking: in a thread)."""
+    master, slave = pty.openpty()
+    process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    shown = b""
+    pending = list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the program ended and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if pending and pending[0][0] in shown:
+                shown += b"<typed>"
+                os.write(master, pending.pop(0)[1])
+            elif process.poll() is not None and not ready:
+                break
+        return process.wait(timeout=max(1.0, deadline - time.monotonic())), shown
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+
+
+def without_uptime(status: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in status.items() if key != "uptime"}
+
+
+#: an epoch time printed as a number: 1796190000, 1796190000.5, 1.79619e+09
+EPOCH_NUMBER = re.compile(r"\b1[0-9]{9}(\.[0-9]+)?\b|\b[0-9]\.[0-9]+e\+09\b")
+
+
+class ConventionsTests(AdminDaemonBase):
+    """The command-line conventions of [8.1], the real mailgwctl against twistd."""
+
+    async def test_globalOptionsAnywhere(self) -> None:
+        """status --json and --json status print the same JSON; --version prints the
+        package's; sessions --protocol bogus exits 2 listing the valid protocols."""
+        await self.start_daemon()
+        after = await self.ctl("status", "--json")
+        before = await self.ctl("--json", "status")
+        self.assertEqual((after.code, before.code), (0, 0), after.err + before.err)
+        self.assertEqual(without_uptime(after.json()), without_uptime(before.json()))
+        version = await self.ctl("--version")
+        self.assertEqual((version.code, version.out), (0, "mailgwctl 0.1.0\n"))
+        # A bad choice: exit 2 listing the valid ones.
+        result = await self.ctl("sessions", "--protocol", "bogus")
+        self.assertEqual((result.code, result.out), (2, ""))
+        self.assertIn("invalid choice: 'bogus' (choose from 'pop3', 'imap4', 'smtp', 'pop3s', 'imap4s', 'smtps')",
+                      result.err)  # fmt: skip
+
+    async def test_noEpochNumbers(self) -> None:
+        """status (after an AAA test) and sessions (with a live session) show no
+        epoch numbers."""
+        await self.start_daemon()
+        await self.logged_in_client()
+        await self.ctl("aaa", "test", "LOCAL", "alice", stdin=f"{PASSWORD}\n".encode())
+        for args in (["status"], ["sessions"]):
+            result = await self.ctl(*args)
+            self.assertEqual(result.code, 0, result.err)
+            self.assertIn("alice" if args == ["sessions"] else "ago)", result.out)
+            self.assertIsNone(EPOCH_NUMBER.search(result.out), result.out)
+
+    async def test_closedPipe(self) -> None:
+        """mailgwctl --json status | head -1 (the reader gone early): no traceback."""
+        await self.start_daemon()
+        result = await deferToThread(closed_pipe_run, "--socket", str(self.socket), "--json", "status")
+        self.assertNotIn(b"Traceback", result.stderr)
+        self.assertEqual((result.returncode, result.stderr), (141, b""))
+
+    async def test_aaaTestMasksOnlyThePassword(self) -> None:
+        """A typed password that is part of the answer's words (x, L, e) leaves them
+        intact: the group name, 'user'."""
+        await self.start_daemon()
+        result = await self.ctl("aaa", "test", "LOCAL", "x", stdin=b"x\n")
+        self.assertEqual(result.code, 1)
+        self.assertTrue(result.out.startswith("LOCAL: x rejected: "), result.out)
+        self.assertIn("group 'LOCAL'", result.out)
+        for password in ("L", "e"):
+            result = await self.ctl("aaa", "test", "LOCAL", "alice", stdin=f"{password}\n".encode())
+            self.assertEqual(result.code, 1)
+            self.assertIn("LOCAL: alice rejected: wrong password for local user (group 'LOCAL')", result.out)
+            self.assertNotIn("*", result.out)
+
+    async def test_accountsAddPrompts(self) -> None:
+        """accounts add at a terminal, without --password-prompt: the password is asked
+        twice without echo, and the account is added with it."""
+        await self.start_daemon()
+        secret = b"pty-Secret-9"
+        argv = [MAILGWCTL, "--socket", str(self.socket), "accounts", "add", "--host", "127.0.0.1",
+                "--tls", "none", "--username", "alice", "--domain", "example.com"]  # fmt: skip
+        answers = [(b"Password of alice@127.0.0.1: ", secret + b"\n"), (b"(again): ", secret + b"\n")]
+        code, shown = await deferToThread(pty_run, argv, answers)
+        self.assertEqual(code, 0, shown)
+        self.assertIn(b"Password of alice@127.0.0.1 (again): ", shown)
+        self.assertIn(b"account 1 added", shown)
+        self.assertNotIn(secret, shown)  # not echoed
+        listing = await self.ctl("--json", "accounts", "list")
+        self.assertEqual([a["password_set"] for a in listing.json()], [True])
+
+
+class SSOAndCacheDaemonTests(AdminDaemonBase):
+    """mailgwctl sso and aaa flush against twistd with POP3 SSO on."""
+
+    async def test_ssoAndCacheFlush(self) -> None:
+        """sso replay (a relative path: the daemon gets it absolute) learns the
+        capture's accepted login inside the policy; sso list (table, JSON) and
+        lookup show it, with date-times and durations only; aaa flush forgets the
+        login aaa test left in the cache, and names the known groups for an unknown
+        one; after a restart of the daemon the entry is still there; sso remove
+        ends it, after which lookup exits 1."""
+        self.data["sso"] = {"pop3": {"enabled": True, "mode": "inline", "servers": [SERVER],
+                                     "policy": ["10.0.0.0/8"], "ttl": 3600}}  # fmt: skip
+        capture = self.gateway.directory / "capture.pcap"
+        write_capture(capture)
+        collector, process = await self.start_daemon()
+        self.assertEqual((await self.ctl("sso", "list")).out, "no SSO identities\n")
+        replay = await self.ctl("sso", "replay", os.path.relpath(capture))
+        self.assertEqual(replay.code, 0, replay.err)
+        self.assertRegex(replay.out, rf"^{re.escape(str(capture))}: \d+ frames, 2 POP3 logins seen, 1 learnt,"
+                                     " 1 outside sso.pop3.policy\n$")  # fmt: skip
+        table = await self.ctl("sso", "list")
+        self.assertEqual(table.code, 0, table.err)
+        _, row = table.out.splitlines()
+        self.assertEqual(row.split()[:4], ["10.1.2.3", "alice", "monitor", "-"])
+        self.assertRegex(row, r" (59m \d\ds|1h 00m)$")
+        lookup = await self.ctl("sso", "lookup", "10.1.2.3")
+        self.assertTrue(lookup.out.startswith("10.1.2.3: alice (monitor)\n"), lookup.out)
+        for output in (table, lookup):
+            self.assertIsNone(EPOCH_NUMBER.search(output.out), output.out)
+        (before,) = (await self.ctl("--json", "sso", "list")).json()
+
+        accepted = await self.ctl("aaa", "test", "LOCAL", "alice", stdin=f"{PASSWORD}\n".encode())
+        self.assertEqual(accepted.code, 0, accepted.err)
+        flush = await self.ctl("aaa", "flush", "LOCAL", "alice")
+        self.assertEqual((flush.code, flush.out), (0, "1 cached login forgotten (user alice of group LOCAL)\n"))
+        self.assertEqual((await self.ctl("--json", "aaa", "flush")).json()["flushed"], 0)
+        unknown = await self.ctl("aaa", "flush", "NOPE")
+        self.assertEqual((unknown.code, unknown.err), (1, "mailgwctl: no AAA server group 'NOPE' (groups: LOCAL)\n"))
+
+        process.signalProcess("TERM")
+        await collector.ended
+        await self.start_daemon()
+        (after,) = (await self.ctl("--json", "sso", "list")).json()
+        self.assertEqual({k: v for k, v in after.items() if k != "expires_in"},
+                         {k: v for k, v in before.items() if k != "expires_in"})  # fmt: skip
+        removed = await self.ctl("sso", "remove", "10.1.2.3")
+        self.assertEqual((removed.code, removed.out), (0, "SSO identity of alice at 10.1.2.3 removed\n"))
+        gone = await self.ctl("sso", "lookup", "10.1.2.3")
+        self.assertEqual((gone.code, gone.out, gone.err), (1, "", "mailgwctl: no SSO identity for 10.1.2.3\n"))
+
+
 class CheckNowTests(AdminDaemonBase):
     """mailgwctl accounts check-now against the daemon's real poller."""
 
@@ -327,3 +507,37 @@ class CheckNowTests(AdminDaemonBase):
         messages = await deferToThread(sink.wait_for_messages, 2)
         self.assertEqual(sorted(r.strip("<>") for m in messages for r in m.rcpt_to), ["bob@example.com"] * 2)
         self.assertNotIn(PASSWORD, result.out + result.err)
+
+    async def test_checkNowFails(self) -> None:
+        """check-now of an account whose server is unreachable, or whose certificate
+        is not trusted: FAILED with the reason in words and the fix, exit 1; accounts
+        add and list show times as date-times."""
+        self.data["poller"] = {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": free_ports(1)[0]}
+        await self.start_daemon()
+        (closed,) = free_ports(1)
+        added = await self.ctl(
+            "accounts", "add", "--host", "127.0.0.1", "--port", str(closed), "--tls", "none",
+            "--username", "alice", "--domain", "example.com", stdin=b"whatever\n",
+        )  # fmt: skip
+        self.assertEqual(added.code, 0, added.err)
+        result = await self.ctl("accounts", "check-now", "1")
+        self.assertEqual(result.code, 1, result.out)
+        self.assertIn(f"FAILED: cannot connect to 127.0.0.1:{closed}: connection refused", result.out)
+        # Implicit TLS to Dovecot without its CA: OpenSSL's reason, and the option.
+        tls = await self.ctl(
+            "accounts", "add", "--host", "127.0.0.1", "--port", str(self.dovecot.pop3s_port), "--tls", "implicit",
+            "--username", "alice", "--domain", "example.com", stdin=PASSWORD.encode() + b"\n",
+        )  # fmt: skip
+        self.assertEqual(tls.code, 0, tls.err)
+        result = await self.ctl("accounts", "check-now", "2")
+        self.assertEqual(result.code, 1, result.out)
+        self.assertIn(
+            "FAILED: connection closed during login: certificate verify failed: unable to get local issuer"
+            " certificate (set --ca)",
+            result.out,
+        )
+        self.assertNotIn("SSL routines", result.out)
+        listing = await self.ctl("accounts", "list")
+        self.assertIn("failed: cannot connect", listing.out)
+        for output in (added, result, listing):
+            self.assertIsNone(EPOCH_NUMBER.search(output.out), output.out)

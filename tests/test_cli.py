@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import tomllib
+from dataclasses import replace
 from io import StringIO
 from pathlib import Path
 
@@ -14,6 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailgw.admin.cli import COMMANDS, Command, Streams, main
 from mailgw.auth.passwords import verify_password
 from mailgw.config import ConfigError, load_config
+from mailgw.startup import host_problems
+from tests.servers import tomlwriter
+from tests.servers.base import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "etc" / "mailgw.toml"
@@ -69,7 +79,7 @@ class CheckConfigTests(SynchronousTestCase):
 
     def test_sampleIsValid(self) -> None:
         """The sample is valid: exit 0 and one line saying so."""
-        run = Run(["check-config", str(SAMPLE)])
+        run = Run(["check-config", "--no-host-checks", str(SAMPLE)])
         self.assertEqual((run.status, run.out, run.err), (0, f"{SAMPLE}: configuration is valid\n", ""))
 
     def test_problems(self) -> None:
@@ -82,7 +92,25 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(run.status, 1)
         self.assertEqual(run.out.splitlines(), raised.exception.problems)
         self.assertIn("pop3s.default_server.port: must be 1..65535, got 99999", run.out.splitlines())
-        self.assertIn("gateway2: unknown key", run.out.splitlines())
+        self.assertIn('gateway2: unknown key (did you mean "gateway"?)', run.out.splitlines())
+
+    def test_builtInDefaultNamed(self) -> None:
+        """A proxy left on the built-in LOCAL group when there is none: the message says
+        that LOCAL is the built-in default, and what to do."""
+        path = Path(self.mktemp())
+        path.write_text('[tls]\ngenerate_self_signed = true\n'
+                        '[pop3s]\nauthentication_server_group = "corp"\n[imap4s]\nenabled = false\n'
+                        '[smtps]\nenabled = false\n[[aaa_server_group]]\nname = "corp"\nprotocol = "radius"\n'
+                        'servers = [{ host = "10.0.0.1", secret = "s" }]\n[[interface]]\nname = "lan"\n'
+                        'address = "127.0.0.1"\n[pop3s.default_server]\nhost = "127.0.0.1"\n')  # fmt: skip
+        self.assertEqual(Run(["check-config", "--no-host-checks", str(path)]).status, 0)
+        path.write_text(path.read_text().replace('enabled = false\n[smtps]', 'enabled = true\n[smtps]'))
+        run = Run(["check-config", "--no-host-checks", str(path)])
+        self.assertEqual(
+            run.out.splitlines(),
+            ["imap4s.authentication_server_group: no aaa_server_group named 'LOCAL' ('LOCAL' is the built-in"
+             " default: define that group, or set authentication_server_group)"],
+        )  # fmt: skip
 
     def test_missingFile(self) -> None:
         """A missing file is one problem line and exit 1."""
@@ -92,7 +120,7 @@ class CheckConfigTests(SynchronousTestCase):
 
     def test_json(self) -> None:
         """--json prints one JSON object with the verdict and the problems."""
-        run = Run(["--json", "check-config", str(SAMPLE)])
+        run = Run(["--json", "check-config", "--no-host-checks", str(SAMPLE)])
         self.assertEqual(json.loads(run.out), {"path": str(SAMPLE), "valid": True, "problems": []})
         path = Path(self.mktemp())
         path.write_text("[gateway]\nworkers = 0\n")
@@ -105,7 +133,7 @@ class CheckConfigTests(SynchronousTestCase):
     def test_subprocess(self) -> None:
         """The real entry point, run as a program, validates the sample."""
         result = subprocess.run(
-            [sys.executable, "-m", "mailgw.admin.cli", "check-config", str(SAMPLE)],
+            [sys.executable, "-m", "mailgw.admin.cli", "check-config", "--no-host-checks", str(SAMPLE)],
             capture_output=True,
             text=True,
             check=False,
@@ -260,3 +288,119 @@ class ParserTests(SynchronousTestCase):
 
         main(["status"], stdout=StringIO(), stderr=StringIO(), commands={"status": Command("status", handler)})
         self.assertEqual(seen, ["/run/mailgw/admin.sock"])
+
+
+def local_config(testcase: SynchronousTestCase, **gateway: object) -> Path:
+    """The sample configuration made to run here: its files, state folder and admin
+    socket in fresh folders, its listeners on free ports."""
+    directory = Path(testcase.mktemp()).absolute()
+    directory.mkdir(parents=True)
+    short = Path(tempfile.mkdtemp(prefix="mailgw-cli-", dir="/tmp"))
+    testcase.addCleanup(shutil.rmtree, short, ignore_errors=True)
+    data = tomllib.loads(SAMPLE.read_text())
+    data["gateway"].update({"state_dir": str(directory / "state"), **gateway})
+    data["admin"]["socket"] = str(short / "run" / "admin.sock")
+    ports = iter(free_ports(3))
+    for proxy in ("pop3s", "imap4s", "smtps"):
+        data[proxy]["port"] = next(ports)
+    shutil.copy(ROOT / "etc" / "users.toml", directory / "users.toml")
+    path = directory / "mailgw.toml"
+    path.write_text(tomlwriter.dumps(data))
+    return path
+
+
+class HostChecksTests(SynchronousTestCase):
+    """``check-config`` also checks what the configuration needs of this machine
+    [8.4], without starting anything."""
+
+    def test_valid(self) -> None:
+        """A configuration that can start here: valid, and nothing was created."""
+        path = local_config(self)
+        run = Run(["check-config", str(path)])
+        self.assertEqual((run.status, run.out), (0, f"{path}: configuration is valid\n"), run.err)
+        self.assertFalse((path.parent / "state").exists())
+        self.assertFalse((path.parent / "tls").exists())
+
+    def test_stateDirImpossible(self) -> None:
+        """A state_dir that cannot be created (under /proc) is named, with the fix."""
+        path = local_config(self, state_dir="/proc/mailgw-state")
+        run = Run(["check-config", str(path)])
+        self.assertEqual(run.status, 1)
+        [line] = run.out.splitlines()
+        self.assertTrue(line.startswith("gateway.state_dir: cannot create /proc/mailgw-state: "), line)
+        self.assertIn("choose another state_dir", line)
+        self.assertEqual(Run(["check-config", "--no-host-checks", str(path)]).status, 0)
+
+    def test_stateDirIsAFile(self) -> None:
+        """A state_dir that is a file is a problem."""
+        path = local_config(self)
+        (path.parent / "state").write_text("")
+        run = Run(["check-config", str(path)])
+        self.assertEqual(run.out.splitlines(), [f"gateway.state_dir: {path.parent / 'state'} exists and is not a"
+                                                " folder (choose another state_dir)"])  # fmt: skip
+
+    def test_portInUse(self) -> None:
+        """A listening port another process holds is named with its key path."""
+        path = local_config(self)
+        port = tomllib.loads(path.read_text())["imap4s"]["port"]
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen()
+            run = Run(["check-config", str(path)])
+        self.assertEqual(run.status, 1)
+        self.assertEqual(
+            run.out.splitlines(),
+            [f"imap4s.port: 127.0.0.1:{port} is already in use by another process"
+             " (stop that process, or choose another port)"],
+        )  # fmt: skip
+
+    def test_privilegedPort(self) -> None:
+        """Without the capability, a port below 1024 is named with the fix."""
+        config = load_config(local_config(self))
+        config = replace(config, pop3s=replace(config.pop3s, port=995))
+        problems = host_problems(config, may_bind_privileged=False)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertTrue(problems[0].startswith("pop3s.port: 127.0.0.1:995 is a privileged port and "), problems)
+        self.assertIn("CAP_NET_BIND_SERVICE", problems[0])
+
+    def test_unsafeSocketFolder(self) -> None:
+        """An admin socket in a folder anyone may write to is refused."""
+        path = local_config(self)
+        folder = Path(tomllib.loads(path.read_text())["admin"]["socket"]).parent
+        folder.mkdir()
+        os.chmod(folder, 0o777)  # noqa: S103 - the unsafe folder under test
+        run = Run(["check-config", str(path)])
+        self.assertEqual(run.status, 1)
+        [line] = run.out.splitlines()
+        self.assertTrue(line.startswith("admin.socket: admin socket "), line)
+        self.assertIn("writable by everyone", line)
+        self.assertIn("/run/mailgw", line)
+
+
+class SampleConfigTests(SynchronousTestCase):
+    """``mailgwctl sample-config DIR`` writes the files the package carries."""
+
+    def test_writes(self) -> None:
+        """The sample configuration, users file and unit, as in etc/; the users file
+        private to its group; then check-config accepts the configuration."""
+        target = Path(self.mktemp())
+        run = Run(["sample-config", str(target)])
+        self.assertEqual(run.status, 0, run.err)
+        for name in ("mailgw.toml", "users.toml", "mailgw.service"):
+            self.assertEqual((target / name).read_bytes(), (ROOT / "etc" / name).read_bytes())
+        self.assertEqual(stat.S_IMODE((target / "users.toml").stat().st_mode), 0o640)
+        self.assertIn(f"mailgwctl check-config {target / 'mailgw.toml'}", run.out)
+        self.assertEqual(Run(["check-config", "--no-host-checks", str(target / "mailgw.toml")]).status, 0)
+
+    def test_refusesToOverwrite(self) -> None:
+        """Existing files are kept (exit 1, named) unless --force."""
+        target = Path(self.mktemp())
+        target.mkdir()
+        (target / "users.toml").write_text("mine")
+        run = Run(["sample-config", str(target)])
+        self.assertEqual(run.status, 1)
+        self.assertIn(str(target / "users.toml"), run.err)
+        self.assertEqual((target / "users.toml").read_text(), "mine")
+        self.assertFalse((target / "mailgw.toml").exists())
+        self.assertEqual(Run(["sample-config", "--force", str(target)]).status, 0)
+        self.assertNotEqual((target / "users.toml").read_text(), "mine")

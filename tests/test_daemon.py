@@ -151,15 +151,25 @@ class TwistdTests(TwistdBase):
         text = (collector.out + collector.err).decode()
         self.assertIn("pop3s.default_server.port", text)
         self.assertIn("gateway.log_format", text)
+        # The problems, not twistd's usage text above them, nor a traceback.
+        self.assertNotIn("Usage:", text)
+        self.assertNotIn("Traceback", text)
         self.assertFalse(port_accepts("127.0.0.1", data["pop3s"]["port"], timeout=0.2))
 
     async def test_busyPortRefused(self) -> None:
-        """A listening port already in use stops the daemon with an error."""
+        """A listening port already in use stops the daemon: exit 1, one line naming the
+        port and the fix, no traceback [8.4]."""
         data = self.config()
-        blocker = reactor.listenTCP(data["pop3s"]["port"], protocol.ServerFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = data["pop3s"]["port"]
+        blocker = reactor.listenTCP(port, protocol.ServerFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(blocker.stopListening)
         collector, _ = await self.run_twistd(data)
         code = await collector.ended
-        self.assertNotEqual(code, 0)
-        self.assertIn("Address already in use", (collector.out + collector.err).decode())
+        self.assertEqual(code, 1)
+        self.assertEqual(collector.out.decode(), "")
+        self.assertEqual(
+            collector.err.decode().splitlines(),
+            [f"mailgw: cannot start: pop3s.port: 127.0.0.1:{port} is already in use by another process"
+             " (stop that process, or choose another port)"],
+        )  # fmt: skip
 

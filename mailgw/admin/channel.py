@@ -47,6 +47,8 @@ __all__ = [
     "UnsafeSocketPath",
     "admin_service",
     "check_socket_path",
+    "socket_answers",
+    "socket_path_problem",
 ]
 
 #: the admin socket's mode: owner and group may connect
@@ -131,6 +133,52 @@ def check_socket_path(path: Path) -> None:
     if _answers(path):
         raise UnsafeSocketPath(f"admin socket {path}: another process answers on it (is mailgw already running?)")
     path.unlink()
+
+
+def socket_path_problem(path: Path, *, running_is_problem: bool = True) -> str | None:
+    """
+    What L{check_socket_path} would refuse about C{path}, found without changing
+    anything (no folder created, no stale socket removed), or C{None}.  For
+    C{mailgwctl check-config} and the daemon's checks before it starts.
+
+    @param running_is_problem: whether a daemon answering on the socket is a problem
+        (for a daemon about to start) or not (for checking a configuration while it
+        runs).
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        return f"admin socket {path}: the path is too long ({size} bytes, at most {MAX_SOCKET_PATH})"
+    ancestor = path.parent
+    try:
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        _check_folder(ancestor, path)
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    except UnsafeSocketPath as e:
+        return str(e)
+    except OSError as e:
+        return f"admin socket {path}: cannot check {ancestor}: {e.strerror or e}"
+    if not stat.S_ISSOCK(info.st_mode):
+        return f"admin socket {path}: the path exists and is not a socket"
+    if not _trusted_owner(info.st_uid):
+        return f"admin socket {path}: an existing socket belongs to another user (uid {info.st_uid})"
+    try:
+        answers = _answers(path)
+    except UnsafeSocketPath as e:
+        return str(e)
+    if answers and running_is_problem:
+        return f"admin socket {path}: another process answers on it (is mailgw already running?)"
+    return None
+
+
+def socket_answers(path: Path) -> bool:
+    """Whether a process (a running daemon) accepts connections on the socket C{path}."""
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode) and _answers(path)
+    except (OSError, UnsafeSocketPath):
+        return False
 
 
 class AdminChannelService(StreamServerEndpointService):

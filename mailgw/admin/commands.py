@@ -22,6 +22,7 @@ from twisted.protocols import amp
 __all__ = [
     "JSON",
     "SECRET_KEYS",
+    "AaaFlush",
     "AaaTest",
     "AccountsAdd",
     "AccountsCheckNow",
@@ -30,14 +31,21 @@ __all__ = [
     "AccountsList",
     "AdminCommandError",
     "InvalidAccount",
+    "InvalidArgument",
     "Kill",
     "NoSuchAccount",
     "NoSuchGroup",
+    "NoSuchIdentity",
     "NoSuchSession",
     "NotAvailable",
     "Reload",
     "ReloadFailed",
+    "ReplayFailed",
     "Sessions",
+    "SsoList",
+    "SsoLookup",
+    "SsoRemove",
+    "SsoReplay",
     "Status",
     "scrub",
 ]
@@ -131,8 +139,21 @@ class NoSuchGroup(AdminCommandError):
     """No AAA server group has this name."""
 
 
+class NoSuchIdentity(AdminCommandError):
+    """The SSO identity table has no live entry for this address."""
+
+
 class NotAvailable(AdminCommandError):
     """The feature is not configured (or not wired) in this daemon."""
+
+
+class InvalidArgument(AdminCommandError):
+    """An argument of the command was refused (not an IP address, a relative path,
+    a user without its group); the message says which and why."""
+
+
+class ReplayFailed(AdminCommandError):
+    """A capture file could not be replayed (unreadable, not a capture)."""
 
 
 class ReloadFailed(_ProblemsError):
@@ -181,6 +202,15 @@ class AaaTest(amp.Command):
     arguments = [(b"group", amp.Unicode()), (b"user", amp.Unicode()), (b"password", amp.Unicode())]
     response = [(b"result", JSON())]
     errors = {NoSuchGroup: b"NO_SUCH_GROUP"}
+
+
+class AaaFlush(amp.Command):
+    """Empty the authentication cache [5.6]: all of it, one server group's part, or
+    one user's entry in a group; answers with how many entries were forgotten."""
+
+    arguments = [(b"group", amp.Unicode(optional=True)), (b"user", amp.Unicode(optional=True))]
+    response = [(b"result", JSON())]
+    errors = {NoSuchGroup: b"NO_SUCH_GROUP", InvalidArgument: b"INVALID_ARGUMENT"}
 
 
 _ACCOUNT_ERRORS: dict[type[Exception], bytes] = {
@@ -235,3 +265,46 @@ class AccountsCheckNow(amp.Command):
     arguments = [(b"id", amp.Unicode())]
     response = [(b"result", JSON())]
     errors = _ACCOUNT_ERRORS
+
+
+# --- POP3 SSO: the identity table [7] ---------------------------------------------------
+
+_SSO_ERRORS: dict[type[Exception], bytes] = {
+    NotAvailable: b"NOT_AVAILABLE",
+    NoSuchIdentity: b"NO_SUCH_IDENTITY",
+    InvalidArgument: b"INVALID_ARGUMENT",
+}
+
+
+class SsoList(amp.Command):
+    """The live entries of the identity table, by address."""
+
+    response = [(b"identities", JSON())]
+    errors = _SSO_ERRORS
+
+
+class SsoLookup(amp.Command):
+    """The live entry of one client address."""
+
+    arguments = [(b"ip", amp.Unicode())]
+    response = [(b"identity", JSON())]
+    errors = _SSO_ERRORS
+
+
+class SsoRemove(amp.Command):
+    """End the entry of one client address (its accounting Stop is sent); answers
+    with the entry as it was."""
+
+    arguments = [(b"ip", amp.Unicode())]
+    response = [(b"identity", JSON())]
+    errors = _SSO_ERRORS
+
+
+class SsoReplay(amp.Command):
+    """Feed a capture file (an absolute path on the daemon's machine, read by the
+    daemon) through the monitor mode's path; the logins it shows teach the table.
+    Answers with the frames read and the logins seen and learnt."""
+
+    arguments = [(b"path", amp.Unicode())]
+    response = [(b"result", JSON())]
+    errors = {**_SSO_ERRORS, ReplayFailed: b"REPLAY_FAILED"}

@@ -4,15 +4,19 @@
 :mod:`mailgw.admin.commands` into a call on an :class:`IAdminBackend` and the result
 into the command's answer, with every secret-named key scrubbed.  The backend is where
 the decisions live; :class:`GatewayAdminBackend` answers from the running
-:class:`~mailgw.service.GatewayService` (session registry, portals, configuration),
-with the reload and the remote-POP poller passed in by whoever wires the daemon.
+:class:`~mailgw.service.GatewayService` (session registry, portals, authentication
+cache, SSO identity table, configuration), with the reload and the remote-POP poller
+passed in by whoever wires the daemon.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import ipaddress
 import os
+import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -28,6 +32,7 @@ from zope.interface import Interface, implementer
 
 import mailgw
 from mailgw.admin.commands import (
+    AaaFlush,
     AaaTest,
     AccountsAdd,
     AccountsCheckNow,
@@ -36,25 +41,50 @@ from mailgw.admin.commands import (
     AccountsList,
     CheckNowProgress,
     InvalidAccount,
+    InvalidArgument,
     Kill,
     NoSuchAccount,
     NoSuchGroup,
+    NoSuchIdentity,
     NoSuchSession,
     NotAvailable,
     Reload,
     ReloadFailed,
+    ReplayFailed,
     Sessions,
+    SsoList,
+    SsoLookup,
+    SsoRemove,
+    SsoReplay,
     Status,
     scrub,
 )
 from mailgw.auth.portal import AAAUnavailable, AuthenticatedUser, IVPNIdentity, LoginContext, VPNIdentity
-from mailgw.config import DEFAULT_GROUP_POLICY, AAAServerGroup, LdapGroup, LocalGroup, Pop3Group, RadiusGroup
+from mailgw.config import (
+    DEFAULT_GROUP_POLICY,
+    AAAServerGroup,
+    LdapGroup,
+    LocalGroup,
+    Pop3Group,
+    RadiusGroup,
+    SSOConfig,
+)
 from mailgw.proxy.registry import SessionInfo, SessionState
+from mailgw.sso.identity import Identity, IdentitySource, IdentityTable
+from mailgw.sso.monitor import Pop3Monitor, replay_in_thread
+from mailgw.sso.pcapfile import CaptureFileError
 
 if TYPE_CHECKING:
     from mailgw.service import GatewayService
 
-__all__ = ["AdminResponder", "GatewayAdminBackend", "IAdminBackend", "PollerAdmin", "session_protocol"]
+__all__ = [
+    "AdminResponder",
+    "GatewayAdminBackend",
+    "IAdminBackend",
+    "PollerAdmin",
+    "monitored_servers",
+    "session_protocol",
+]
 
 JSONObject = dict[str, Any]
 
@@ -90,6 +120,29 @@ class IAdminBackend(Interface):
     def aaa_test(group: str, user: str, password: str) -> defer.Deferred[JSONObject]:  # noqa: N805
         """Log C{user} in through C{group}; fires with the verdict.  Raises
         L{NoSuchGroup}."""
+
+    def aaa_flush(group: str | None, user: str | None) -> JSONObject:  # noqa: N805
+        """Empty the authentication cache: all of it, C{group}'s part or C{user}'s
+        entry in C{group}; return how many entries were forgotten (C{flushed}).
+        Raises L{NoSuchGroup} (naming the known groups), L{InvalidArgument} for a
+        user without a group."""
+
+    def sso_list() -> list[JSONObject]:
+        """The live entries of the SSO identity table, by address.  Raises
+        L{NotAvailable} when SSO is off."""
+
+    def sso_lookup(ip: str) -> JSONObject:  # noqa: N805
+        """The live entry of C{ip}.  Raises L{NoSuchIdentity}, L{InvalidArgument}
+        (not an address) or L{NotAvailable}."""
+
+    def sso_remove(ip: str) -> JSONObject:  # noqa: N805
+        """End the entry of C{ip}; return it as it was.  Raises as L{sso_lookup}."""
+
+    def sso_replay(path: str) -> defer.Deferred[JSONObject]:  # noqa: N805
+        """Feed the capture file at the absolute C{path} through the monitor path,
+        learning the logins it shows; fires with the frames read and the logins seen
+        and learnt, or fails with L{ReplayFailed}.  Raises L{NotAvailable} or
+        L{InvalidArgument} (a relative path)."""
 
     def accounts_list(domain: str | None) -> defer.Deferred[list[JSONObject]]:  # noqa: N805
         """The remote POP accounts (of one local domain)."""
@@ -147,6 +200,39 @@ class AdminResponder(amp.CommandLocator):
     @AaaTest.responder
     def aaa_test(self, group: str, user: str, password: str) -> defer.Deferred[JSONObject]:
         d = self.backend.aaa_test(group, user, password)
+        return d.addCallback(lambda result: {"result": scrub(result)})
+
+    @AaaFlush.responder
+    def aaa_flush(self, group: str | None = None, user: str | None = None) -> JSONObject:
+        result = self.backend.aaa_flush(group or None, user or None)
+        self.log.info(
+            "Authentication cache flushed from the admin channel ({scope}): {count} entries forgotten",
+            scope=f"user {user} of group {group}" if user else f"group {group}" if group else "all groups",
+            count=result.get("flushed"),
+        )
+        return {"result": scrub(result)}
+
+    @SsoList.responder
+    def sso_list(self) -> JSONObject:
+        return {"identities": scrub(self.backend.sso_list())}
+
+    @SsoLookup.responder
+    def sso_lookup(self, ip: str) -> JSONObject:
+        return {"identity": scrub(self.backend.sso_lookup(ip))}
+
+    @SsoRemove.responder
+    def sso_remove(self, ip: str) -> JSONObject:
+        identity = self.backend.sso_remove(ip)
+        self.log.info(
+            "SSO identity of {client_ip} ({user}) removed from the admin channel",
+            client_ip=identity.get("ip", ip),
+            user=identity.get("user"),
+        )
+        return {"identity": scrub(identity)}
+
+    @SsoReplay.responder
+    def sso_replay(self, path: str) -> defer.Deferred[JSONObject]:
+        d = self.backend.sso_replay(path)
         return d.addCallback(lambda result: {"result": scrub(result)})
 
     @AccountsList.responder
@@ -318,7 +404,17 @@ class GatewayAdminBackend:
 
     def _sso_status(self) -> JSONObject:
         sso = self.gateway.config.sso_pop3
-        return {"enabled": sso.enabled, "mode": sso.mode, "running": False, "state": "not configured"}
+        table = self.gateway.identities
+        if not sso.enabled or table is None:
+            return {"enabled": sso.enabled, "mode": sso.mode, "running": False, "state": "not configured"}
+        now = self.clock.seconds()
+        return {
+            "enabled": True,
+            "mode": sso.mode,
+            "running": True,
+            "state": "running",
+            "entries": sum(1 for identity in table if identity.expires > now),
+        }
 
     def sessions(self, protocol: str | None) -> list[JSONObject]:
         wanted = session_protocol(protocol) if protocol else None
@@ -406,6 +502,106 @@ class GatewayAdminBackend:
         self.log.info("AAA test of {user} through {group}: {result}", user=user, group=group, result=result["result"])
         return result
 
+    # -- aaa flush --------------------------------------------------------------------
+
+    def aaa_flush(self, group: str | None, user: str | None) -> JSONObject:
+        if user is not None and group is None:
+            raise InvalidArgument("a user's cached logins are flushed by group: give the GROUP before the USER")
+        groups = {g.name: g for g in self.gateway.config.aaa_server_groups}
+        result: JSONObject = {"group": group, "user": user}
+        if group is not None:
+            if group not in groups:
+                raise NoSuchGroup(f"no AAA server group {group!r} (groups: {', '.join(groups) or 'none'})")
+            result["cache_ttl"] = groups[group].cache_ttl
+        cache = self.gateway.auth_cache
+        result["flushed"] = cache.flush(group, user)
+        result["remaining"] = len(cache)
+        return result
+
+    # -- POP3 SSO: the identity table -------------------------------------------------
+
+    def _identity_table(self) -> IdentityTable:
+        table = self.gateway.identities
+        if table is None or not self.gateway.config.sso_pop3.enabled:
+            raise NotAvailable("POP3 SSO is off in this daemon (sso.pop3.enabled = false): no identity table")
+        return table
+
+    @staticmethod
+    def _identity(identity: Identity, now: float) -> JSONObject:
+        return {**identity.as_dict(), "expires_in": max(0.0, identity.expires - now)}
+
+    def sso_list(self) -> list[JSONObject]:
+        table = self._identity_table()
+        now = self.clock.seconds()
+        live = [identity for identity in table if identity.expires > now]
+        return [self._identity(identity, now) for identity in sorted(live, key=_address_order)]
+
+    def _live_entry(self, table: IdentityTable, ip: str) -> Identity:
+        for form in _address_forms(ip):
+            identity = table.lookup(form)
+            if identity is not None:
+                return identity
+        raise NoSuchIdentity(f"no SSO identity for {ip}")
+
+    def sso_lookup(self, ip: str) -> JSONObject:
+        identity = self._live_entry(self._identity_table(), ip)
+        return self._identity(identity, self.clock.seconds())
+
+    def sso_remove(self, ip: str) -> JSONObject:
+        table = self._identity_table()
+        identity = self._live_entry(table, ip)
+        table.remove(identity.ip)
+        return self._identity(identity, self.clock.seconds())
+
+    def sso_replay(self, path: str) -> defer.Deferred[JSONObject]:
+        table = self._identity_table()
+        if not os.path.isabs(path):
+            raise InvalidArgument(f"{path}: the capture file must be given by an absolute path")
+        sso = self.gateway.config.sso_pop3
+        servers = monitored_servers(sso)
+        if not servers:
+            raise NotAvailable("sso.pop3.servers names no IP address, and a replay watches addresses only")
+        return defer.Deferred.fromCoroutine(self._replay(table, sso, servers, path))
+
+    async def _replay(
+        self, table: IdentityTable, sso: SSOConfig, servers: list[tuple[str, int]], path: str
+    ) -> JSONObject:
+        learnt: Counter[str] = Counter()
+
+        def login(client_ip: str, user: str, server: tuple[str, int]) -> None:
+            # As the live monitor: only clients inside sso.pop3.policy get entries.
+            if sso.applies_to(client_ip):
+                table.learn(client_ip, user, IdentitySource.MONITOR)
+                learnt["learnt"] += 1
+            else:
+                learnt["outside_policy"] += 1
+
+        # A monitor of its own: the replay's frame times are the file's.
+        monitor = Pop3Monitor(servers, login, self.clock)
+        try:
+            frames = await replay_in_thread(self.gateway.reactor, path, monitor)
+        except CaptureFileError as e:
+            raise ReplayFailed(f"{path} is not a capture file this gateway can read: {e}") from None
+        except OSError as e:
+            raise ReplayFailed(f"cannot read {path}: {e.strerror or e}") from None
+        statistics = monitor.statistics()
+        self.log.info(
+            "Capture {path} replayed: {frames} frames, {logins} logins, {learnt} learnt",
+            path=path,
+            frames=frames,
+            logins=statistics["logins"],
+            learnt=learnt["learnt"],
+        )
+        return {
+            "path": path,
+            "frames": frames,
+            "logins": statistics["logins"],
+            "learnt": learnt["learnt"],
+            "outside_policy": learnt["outside_policy"],
+            "streams_tls": statistics["streams_tls"],
+            "statistics": statistics,
+        }
+
     # -- remote POP accounts ----------------------------------------------------------
 
     def _poller_call(self, method: str, *args: Any) -> defer.Deferred[Any]:
@@ -449,6 +645,48 @@ class GatewayAdminBackend:
         return self._poller_call("check_now", account_id, report).addCallback(_plain)
 
 
+def monitored_servers(sso: SSOConfig) -> list[tuple[str, int]]:
+    """The C{(ip, port)} of C{sso.pop3.servers} that are IP addresses: the monitor
+    mode watches addresses, not names."""
+    servers = []
+    for server in sso.servers:
+        host = server.host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        servers.append((host, server.port))
+    return servers
+
+
+def _address_forms(ip: str) -> list[str]:
+    """The forms an address may have in the identity table: canonical, and the
+    IPv4-mapped IPv6 form of an IPv4 address (a dual-stack listener sees those), or
+    the other way round.
+
+    @raise InvalidArgument: C{ip} is not an IP address.
+    """
+    try:
+        address = ipaddress.ip_address(ip.strip().strip("[]"))
+    except ValueError:
+        raise InvalidArgument(f"not an IP address: {ip!r}") from None
+    forms = [str(address)]
+    if isinstance(address, ipaddress.IPv4Address):
+        forms.append(f"::ffff:{address}")
+    elif address.ipv4_mapped is not None:
+        forms.append(str(address.ipv4_mapped))
+    return forms
+
+
+def _address_order(identity: Identity) -> tuple[int, int, str]:
+    """Sort key: IPv4 before IPv6, numerically."""
+    try:
+        address = ipaddress.ip_address(identity.ip)
+    except ValueError:
+        return (9, 0, identity.ip)
+    return (address.version, int(address), identity.ip)
+
+
 def _plain(value: object) -> JSONObject:
     """A poller result as a JSON-ready mapping: a mapping, an object with
     C{as_dict()}, or a dataclass."""
@@ -462,10 +700,22 @@ def _plain(value: object) -> JSONObject:
     return {"result": str(value)}
 
 
+#: the password fields of a login dialogue a reason may quote: POP3 PASS and APOP,
+#: AUTH's initial response, IMAP LOGIN's second argument
+_DIALOGUE_SECRET = re.compile(r"(?i)\b(PASS|APOP|AUTH[ \t]+[A-Z0-9_-]+|LOGIN[ \t]+\S+)([ \t]+)\S+")
+_MASK = "********"
+
+
 def _masked(text: str, password: str) -> str:
-    """C{text} with C{password} masked (a checker's reason should never hold it;
-    this makes sure)."""
-    return text.replace(password, "********") if password else text
+    """C{text} with the password fields of any dialogue it quotes masked, and the
+    password itself where it stands as a word of its own (a checker's reason should
+    never hold it; this makes sure).  A password that is also part of other words
+    (C{x} in C{dc1.example.com}) leaves them alone."""
+    text = _DIALOGUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{_MASK}", text)
+    if not password:
+        return text
+    standalone = re.compile(rf"(?<![^\s'\"(\[<]){re.escape(password)}(?=$|[\s'\",;:)\]>]|\.(?:\s|$))")
+    return standalone.sub(_MASK, text)
 
 
 def _group_servers(group: AAAServerGroup) -> list[str]:

@@ -27,6 +27,7 @@ import secrets
 import stat
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
     from mailgw.poller.poll import PollReport
 
 __all__ = [
+    "FIELDS",
+    "FIELD_DEFAULTS",
+    "NO_RECIPIENT_ACTIONS",
+    "REQUIRED_FIELDS",
+    "TLS_MODES",
     "AccountInvalid",
     "AccountNotFound",
     "Accounts",
@@ -314,6 +320,10 @@ _DEFAULTS: dict[str, object] = {
     "no_recipient_action": "delete",
 }
 _REQUIRED = ("host", "username", "password", "domain")
+#: what an added account gets for the fields it does not give (read-only)
+FIELD_DEFAULTS: Mapping[str, object] = MappingProxyType(_DEFAULTS)
+#: the fields an added account must give
+REQUIRED_FIELDS: tuple[str, ...] = _REQUIRED
 
 
 def validate_fields(fields: Mapping[str, Any], *, existing: AccountRecord | None = None) -> dict[str, object]:
