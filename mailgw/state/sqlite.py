@@ -10,6 +10,10 @@ The schema is versioned: C{schema_version} holds the version reached, and
 L{MIGRATIONS} lists the steps from an empty database, each run in its own transaction
 together with the version update.  A database written by a newer release (a version
 above the last migration) is refused rather than guessed at.
+
+Poller account leases [11] work here as on PostgreSQL (each a single upsert under the
+write lock), on the reactor's clock: several processes of one machine sharing the file
+get the same one-holder guarantee.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,9 +35,11 @@ from zope.interface import implementer
 from mailgw.state import (
     ACCOUNT_COLUMNS,
     AccountRecord,
+    IdentityRecord,
     IStateStore,
     JournalEntry,
     JournalState,
+    Lease,
     StateError,
 )
 
@@ -88,13 +95,48 @@ def _migration_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX poll_journal_message_id ON poll_journal (account_id, message_id)")
 
 
+def _migration_2(db: sqlite3.Connection) -> None:
+    """Poller account leases [11]."""
+    db.execute(
+        """
+        CREATE TABLE poller_leases (
+            account_id INTEGER PRIMARY KEY REFERENCES poller_accounts (id) ON DELETE CASCADE,
+            node TEXT NOT NULL,
+            acquired REAL NOT NULL,
+            expires REAL NOT NULL
+        )
+        """
+    )
+
+
+def _migration_3(db: sqlite3.Connection) -> None:
+    """The SSO identity table [7]: one row per client address."""
+    db.execute(
+        """
+        CREATE TABLE sso_identities (
+            ip TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            source TEXT NOT NULL,
+            group_policy TEXT,
+            first_seen REAL NOT NULL,
+            renewed REAL NOT NULL,
+            expires REAL NOT NULL,
+            session_id TEXT NOT NULL,
+            mac TEXT
+        )
+        """
+    )
+
+
 #: the schema migrations, in order: C{MIGRATIONS[n]} takes version C{n} to C{n + 1}
-MIGRATIONS: Sequence[Migration] = (_migration_1,)
+MIGRATIONS: Sequence[Migration] = (_migration_1, _migration_2, _migration_3)
 #: the schema version this release writes
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ACCOUNT_SELECT = "SELECT id, " + ", ".join(ACCOUNT_COLUMNS) + ", created, updated FROM poller_accounts"  # noqa: S608 - fixed column names
 _BOOL_COLUMNS = frozenset({"enabled", "verify", "leave_on_server", "received_parsing"})
+#: the columns of sso_identities, in the order of L{IdentityRecord}'s fields
+_IDENTITY_COLUMNS = "ip, username, source, group_policy, first_seen, renewed, expires, session_id, mac"
 
 
 @implementer(IStateStore)
@@ -103,13 +145,22 @@ class SQLiteState:
 
     @param path: the database file, normally C{state_dir/state.sqlite3}.
     @param reactor: where results are delivered (the reactor thread).
+    @param clock: the clock of leases (default: C{reactor}).
     """
 
     log = Logger()
 
-    def __init__(self, path: Path, reactor: Any, *, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reactor: Any,
+        *,
+        migrations: Sequence[Migration] = MIGRATIONS,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.path = Path(path)
         self._reactor = reactor
+        self._clock: IReactorTime = reactor if clock is None else clock
         self._migrations = tuple(migrations)
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="mailgw-state")
         self._db: sqlite3.Connection | None = None
@@ -310,6 +361,7 @@ class SQLiteState:
     def delete_account(self, account_id: int) -> defer.Deferred[bool]:
         def delete(db: sqlite3.Connection) -> bool:
             db.execute("DELETE FROM poll_journal WHERE account_id = ?", (account_id,))
+            db.execute("DELETE FROM poller_leases WHERE account_id = ?", (account_id,))
             return db.execute("DELETE FROM poller_accounts WHERE id = ?", (account_id,)).rowcount > 0
 
         return self._call(self._write, delete)
@@ -391,3 +443,93 @@ class SQLiteState:
             return len(doomed)
 
         return self._call(self._write, prune)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def lease_acquire(self, account_id: int, node: str, duration: float) -> defer.Deferred[Lease | None]:
+        if not duration > 0:
+            return defer.fail(ValueError(f"a lease lasts a positive time, got {duration!r}"))
+        now = self._clock.seconds()
+
+        def acquire(db: sqlite3.Connection) -> Lease | None:
+            # fetchall: the statement must have run to its end before COMMIT
+            rows = db.execute(
+                "INSERT INTO poller_leases (account_id, node, acquired, expires) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (account_id) DO UPDATE SET node = excluded.node, "
+                "acquired = CASE WHEN poller_leases.node = excluded.node AND poller_leases.expires > ? "
+                "THEN poller_leases.acquired ELSE excluded.acquired END, "
+                "expires = excluded.expires "
+                "WHERE poller_leases.node = excluded.node OR poller_leases.expires <= ? "
+                "RETURNING account_id, node, acquired, expires",
+                (account_id, node, now, now + duration, now, now),
+            ).fetchall()
+            return Lease(*rows[0]) if rows else None
+
+        return self._call(self._write, acquire)
+
+    def lease_renew(self, account_id: int, node: str, duration: float) -> defer.Deferred[Lease | None]:
+        if not duration > 0:
+            return defer.fail(ValueError(f"a lease lasts a positive time, got {duration!r}"))
+        expires = self._clock.seconds() + duration
+
+        def renew(db: sqlite3.Connection) -> Lease | None:
+            rows = db.execute(
+                "UPDATE poller_leases SET expires = ? WHERE account_id = ? AND node = ? "
+                "RETURNING account_id, node, acquired, expires",
+                (expires, account_id, node),
+            ).fetchall()
+            return Lease(*rows[0]) if rows else None
+
+        return self._call(self._write, renew)
+
+    def lease_release(self, account_id: int, node: str) -> defer.Deferred[bool]:
+        def release(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("DELETE FROM poller_leases WHERE account_id = ? AND node = ?", (account_id, node))
+            return cursor.rowcount > 0
+
+        return self._call(self._write, release)
+
+    def leases(self) -> defer.Deferred[dict[int, Lease]]:
+        now = self._clock.seconds()
+
+        def read() -> dict[int, Lease]:
+            rows = self._conn().execute(
+                "SELECT account_id, node, acquired, expires FROM poller_leases WHERE expires > ? ORDER BY account_id",
+                (now,),
+            )
+            return {row[0]: Lease(*row) for row in rows}
+
+        return self._call(read)
+
+    # -- the SSO identity table ------------------------------------------------------------
+
+    def identity_put(self, record: IdentityRecord) -> defer.Deferred[None]:
+        values = (record.ip, record.user, record.source, record.group_policy, record.first_seen,
+                  record.renewed, record.expires, record.session_id, record.mac)  # fmt: skip
+
+        def put(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT OR REPLACE INTO sso_identities ({_IDENTITY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - fixed column names
+                values,
+            )
+
+        return self._call(self._write, put)
+
+    def identity_delete(self, ip: str, session_id: str | None = None) -> defer.Deferred[bool]:
+        def delete(db: sqlite3.Connection) -> bool:
+            if session_id is None:
+                cursor = db.execute("DELETE FROM sso_identities WHERE ip = ?", (ip,))
+            else:
+                cursor = db.execute("DELETE FROM sso_identities WHERE ip = ? AND session_id = ?", (ip, session_id))
+            return cursor.rowcount > 0
+
+        return self._call(self._write, delete)
+
+    def identities(self) -> defer.Deferred[list[IdentityRecord]]:
+        def read() -> list[IdentityRecord]:
+            rows = self._conn().execute(
+                f"SELECT {_IDENTITY_COLUMNS} FROM sso_identities ORDER BY renewed, ip"  # noqa: S608 - fixed column names
+            )
+            return [IdentityRecord(*row) for row in rows]
+
+        return self._call(read)
