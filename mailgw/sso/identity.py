@@ -11,12 +11,41 @@ the state interface.  Pure bookkeeping: the time comes from the clock passed in.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
+
+from mailgw.config import SSOConfig
+
+
+class _Server(Protocol):
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+def sso_applies(sso: SSOConfig, client_ip: str, server: _Server) -> bool:
+    """Whether a POP3 login of a client at C{client_ip} to C{server} counts for SSO:
+    the client is inside C{sso.pop3.policy} and the server in C{sso.pop3.servers}."""
+    if not sso.applies_to(client_ip):
+        return False
+    host = _normalise(server.host)
+    return any(s.port == server.port and _normalise(s.host) == host for s in sso.servers)
+
+
+def _normalise(host: str) -> str:
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 class IdentitySource(enum.StrEnum):
@@ -97,6 +126,11 @@ class IdentityTable:
     def subscribe(self, listener: Listener) -> None:
         """Tell C{listener} of every change from now on."""
         self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        """Tell C{listener} nothing more."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def _tell(self, change: Change, identity: Identity) -> None:
         for listener in self._listeners:
