@@ -9,6 +9,11 @@ into a plain byte pipe for the relay.
 Certificates are always verified with service-identity unless the configuration turns
 C{verify_certificate} off for a server: Twisted's mail clients verify nothing by default
 (SPEC [4.8]), so nothing here uses them.
+
+With C{forward_client_address} [4.7] a login client gets the session's
+L{ClientOrigin} and, before logging in, tells a server that advertises it who the real
+client is (IMAP C{ID}, POP3 and SMTP C{XCLIENT}; the lines come from
+L{mailgw.wire.forwarding}, which validates every value).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from twisted.python.failure import Failure
 
 from mailgw.tls import ClientTLSCache, set_nodelay
 from mailgw.wire.errors import ProtocolError
+from mailgw.wire.forwarding import ClientOrigin
 from mailgw.wire.lines import LineBuffer, TooLong
 
 
@@ -86,9 +92,17 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
     max_line = 8192
     log = Logger()
 
-    def __init__(self, target: UpstreamTarget, tls_options: IOpenSSLClientConnectionCreator | None) -> None:
+    def __init__(
+        self,
+        target: UpstreamTarget,
+        tls_options: IOpenSSLClientConnectionCreator | None,
+        *,
+        origin: ClientOrigin | None = None,
+    ) -> None:
         self.target = target
         self._tls_options = tls_options
+        #: the real client, to tell the server before the login (C{None}: tell nothing)
+        self.origin = origin
         self._lines = LineBuffer(self.max_line)
         self.result: defer.Deferred[bytes] = defer.Deferred(self._cancel)
         self._done = False
@@ -169,6 +183,17 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         self._lines.clear()
         self.transport.startTLS(self._tls_options)  # type: ignore[union-attr]
 
+    def forwarding_refused(self, command: str, detail: str) -> None:
+        """The server did not take the client's origin: the login goes on (the server
+        then sees the gateway as the client), and the log says so."""
+        self.log.warn(
+            "Session {session_id}: {upstream} refused {command} ({detail}); it sees the gateway as the client",
+            session_id=self.origin.session_id if self.origin is not None else None,
+            upstream=self.target.describe(),
+            command=command,
+            detail=detail[:100],
+        )
+
     def succeed(self, answer: bytes) -> None:
         if not self._done:
             self._done = True
@@ -184,6 +209,32 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
                 # A failed login is over: nothing to wait for (a polite TLS close
                 # would wait for a server that may not answer) [4.1].
                 self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def client_origin(
+    transport: object,
+    session_id: str,
+    *,
+    helo: str = "",
+    login: str = "",
+    client_id: tuple[str | None, ...] = (),
+) -> ClientOrigin:
+    """The L{ClientOrigin} of a session on C{transport}: its peer is the client (behind
+    a load balancer with the PROXY protocol, the header's source, which
+    L{mailgw.proxy.proxyprotocol} makes the peer), its host the gateway's address the
+    client reached."""
+    peer = transport.getPeer()  # type: ignore[attr-defined]
+    host = transport.getHost()  # type: ignore[attr-defined]
+    return ClientOrigin(
+        address=str(getattr(peer, "host", "")),
+        port=int(getattr(peer, "port", 0) or 0),
+        local_address=str(getattr(host, "host", "")),
+        local_port=int(getattr(host, "port", 0) or 0),
+        session_id=session_id,
+        helo=helo,
+        login=login,
+        client_id=client_id,
+    )
 
 
 def _describe(reason: Failure) -> str:

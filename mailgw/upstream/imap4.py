@@ -1,5 +1,6 @@
-"""The IMAP login client: greeting, STARTTLS where configured, capabilities, then
-LOGIN (or AUTHENTICATE PLAIN when the server disables LOGIN).
+"""The IMAP login client: greeting, STARTTLS where configured, capabilities, ``ID``
+with the real client's origin when forwarding it and the server offers ``ID`` [4.7],
+then LOGIN (or AUTHENTICATE PLAIN when the server disables LOGIN).
 
 On success the client gets the server's own tagged OK (re-tagged with the client's
 tag by the proxy), carrying the server's capabilities [4.5]: when the server's OK has no
@@ -12,7 +13,7 @@ import enum
 import re
 
 from mailgw.upstream import UpstreamLoginRejected, UpstreamProtocol, UpstreamUnavailable
-from mailgw.wire import imap4
+from mailgw.wire import forwarding, imap4
 from mailgw.wire.errors import ProtocolError
 
 _RAW_CAPABILITIES = re.compile(rb"(?:\[CAPABILITY|^\* CAPABILITY) ([^\]\r\n]*)", re.IGNORECASE)
@@ -24,6 +25,7 @@ class _State(enum.Enum):
     CAPABILITY = 3
     LOGIN = 4
     POST_CAPABILITY = 5
+    ID = 6
 
 
 class IMAP4UpstreamLogin(UpstreamProtocol):
@@ -76,6 +78,10 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
             if not response.ok:
                 self.fail(UpstreamUnavailable("server refused CAPABILITY"))
                 return
+            self._before_login()
+        elif self._state is _State.ID:
+            if not response.ok:
+                self.forwarding_refused("ID", f"{response.status} {response.text}")
             self._login()
         elif self._state is _State.LOGIN:
             self._logged_in(response)
@@ -90,10 +96,23 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
             self._state = _State.STARTTLS
             self._command(b"STARTTLS")
         elif self._capabilities:
-            self._login()
+            self._before_login()
         else:
             self._state = _State.CAPABILITY
             self._command(b"CAPABILITY")
+
+    def _before_login(self) -> None:
+        """Tell the server who the client is, when forwarding and the server offers
+        ``ID`` (RFC 2971); then log in."""
+        fields = forwarding.id_fields(self.origin) if self.origin is not None else []
+        if not fields or "ID" not in {c.upper() for c in self._capabilities}:
+            self._login()
+            return
+        self._state = _State.ID
+        self._serial += 1
+        self._tag = f"mgw{self._serial}"
+        assert self.transport is not None
+        self.transport.write(forwarding.format_id(self._tag, fields))
 
     def _login(self) -> None:
         caps = {c.upper() for c in self._capabilities}

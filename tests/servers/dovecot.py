@@ -211,9 +211,13 @@ class Dovecot(ServerProcess):
 
     Constructor: ``Dovecot(base_dir=None, users=DEFAULT_USERS, *, host="127.0.0.1",
     submission=False, pki=None, auth_failure_delay=0 (seconds), extra_config="",
-    startup_timeout=15.0, stop_timeout=2.0)``.  ``pki`` is a :class:`TestPKI` whose
-    CA signs the server certificate (default: a new one in ``<base_dir>/pki``);
-    ``extra_config`` is appended to ``dovecot.conf`` (later settings win).
+    startup_timeout=15.0, stop_timeout=2.0, login_trusted_networks="")``.  ``pki`` is a
+    :class:`TestPKI` whose CA signs the server certificate (default: a new one in
+    ``<base_dir>/pki``); ``extra_config`` is appended to ``dovecot.conf`` (later
+    settings win); ``login_trusted_networks`` (e.g. ``"127.0.0.0/8"``) are the
+    networks whose proxies Dovecot believes about the real client (IMAP ``ID``
+    ``x-originating-ip``, POP3 and submission ``XCLIENT``): its login lines then show
+    that client as ``rip=``.
 
     Attributes: ``host``, ``pop3_port``, ``pop3s_port``, ``imap_port``,
     ``imaps_port``, ``submission_port``/``submissions_port`` and ``smtp_sink`` (with
@@ -242,8 +246,10 @@ class Dovecot(ServerProcess):
         extra_config: str = "",
         startup_timeout: float = 15.0,
         stop_timeout: float = 2.0,
+        login_trusted_networks: str = "",
     ) -> None:
         self.submission = submission
+        self.login_trusted_networks = login_trusted_networks
         self.pop3_port = self.pop3s_port = self.imap_port = self.imaps_port = 0
         self.submission_port: int | None = None
         self.submissions_port: int | None = None
@@ -494,6 +500,7 @@ class Dovecot(ServerProcess):
             "disable_plaintext_auth = no",
             f"auth_failure_delay = {self.auth_failure_delay} secs",
             "auth_cache_size = 0",
+            *([f"login_trusted_networks = {self.login_trusted_networks}"] if self.login_trusted_networks else []),
             "ssl = yes",
             f"ssl_cert = <{self.cert_path}",
             f"ssl_key = <{self.key_path}",
