@@ -21,12 +21,14 @@ Conventions of the result:
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import ipaddress
 import json
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,14 +40,19 @@ from typing import NamedTuple, TypeAlias
 from urllib.parse import urlsplit
 
 __all__ = [
+    "ATTACHMENT_ACTIONS",
     "AUTHENTICATION_METHODS",
     "CLIENT_CERTIFICATE_MODES",
     "DEFAULT_GROUP_POLICY",
     "DN_FIELDS",
+    "HEADER_RULE_ACTIONS",
     "LOG_FORMATS",
     "PROTOCOLS",
+    "SCANNER_FAILURE_ACTIONS",
+    "SCAN_LIMIT_ACTIONS",
     "SERVER_GROUP_PROTOCOLS",
     "SSO_MODES",
+    "STATE_BACKENDS",
     "TLS_SUPPORT",
     "TLS_VERSIONS",
     "UPSTREAM_TLS",
@@ -53,11 +60,14 @@ __all__ = [
     "AAAServerGroup",
     "AdminConfig",
     "CertificateAuthorizationConfig",
+    "ClamdAddress",
     "Config",
     "ConfigError",
     "GatewayConfig",
     "GroupPolicy",
+    "HeaderRule",
     "HostPort",
+    "InspectionProfile",
     "InterfaceConfig",
     "LdapGroup",
     "Listener",
@@ -73,6 +83,7 @@ __all__ = [
     "RadiusServer",
     "SSOConfig",
     "Secret",
+    "StateConfig",
     "TLSConfig",
     "UpstreamServerConfig",
     "load_config",
@@ -97,6 +108,12 @@ DN_FIELDS = (
     "O", "OU", "SER", "SN", "SP", "T", "UID", "UPN",
 )  # fmt: skip
 SSO_MODES = ("inline", "monitor")
+STATE_BACKENDS = ("sqlite", "postgresql")
+# [[inspection]] [4.9]
+SCAN_LIMIT_ACTIONS = ("refuse", "pass")
+SCANNER_FAILURE_ACTIONS = ("tempfail", "pass")
+ATTACHMENT_ACTIONS = ("strip", "reject")
+HEADER_RULE_ACTIONS = ("reject", "tag")
 
 DEFAULT_GROUP_POLICY = "DfltGrpPolicy"
 
@@ -211,6 +228,8 @@ class UpstreamServerConfig:
     tls: str
     verify_certificate: bool
     ca: Path | None
+    #: tell the server the real client before the login [4.7] (IMAP ID, XCLIENT)
+    forward_client_address: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,12 +385,94 @@ AAAServerGroup: TypeAlias = LocalGroup | LdapGroup | RadiusGroup | Pop3Group
 
 @dataclass(frozen=True, slots=True)
 class GroupPolicy:
-    """One ``[[group_policy]]`` (or the built-in ``DfltGrpPolicy``)."""
+    """One ``[[group_policy]]`` (or the built-in ``DfltGrpPolicy``).  ``inspection``
+    names an ``[[inspection]]`` profile; ``""`` = none (the zero-parsing relay)."""
 
     name: str
     simultaneous_logins: int
     idle_timeout: int
     max_session_time: int
+    inspection: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClamdAddress:
+    """
+    Where clamd listens: C{kind} C{"unix"} with an absolute C{path}, or C{"tcp"} with
+    C{host} and C{port}.  C{str()} gives the configuration syntax back
+    (C{unix:/run/clamav/clamd.ctl}, C{tcp:127.0.0.1:3310}, C{tcp:[::1]:3310}).
+    """
+
+    kind: str
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRule:
+    """
+    One of C{header_rules}: when a C{header} field (name compared case-insensitively)
+    has a value that C{match} finds (C{re.search} on the unfolded value), the message is
+    refused (C{action = "reject"}) or passes with C{tag} put in front of its Subject
+    (C{action = "tag"}; C{tag} is C{""} for C{"reject"}).
+    """
+
+    header: str
+    match: re.Pattern[str]
+    action: str
+    tag: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InspectionProfile:
+    """
+    One C{[[inspection]]} profile [4.9].  C{clamd} is C{None} for no antivirus.
+    C{attachments_deny} holds lower-cased globs and C{content_types_deny} lower-cased
+    C{type/subtype} or C{type/*}; use L{denied_attachment} and L{denied_content_type}
+    to match them.
+    """
+
+    name: str
+    max_message_size: int
+    scan_limit: int
+    scan_limit_action: str
+    clamd: ClamdAddress | None
+    clamd_timeout: float
+    on_scanner_failure: str
+    attachments_deny: tuple[str, ...]
+    content_types_deny: tuple[str, ...]
+    attachment_action: str
+    header_rules: tuple[HeaderRule, ...]
+
+    def denied_attachment(self, filename: str) -> str | None:
+        """
+        The first glob of C{attachments_deny} that the file name matches
+        (case-insensitively, on the part after the last C{/} or C{\\}), or C{None}.
+        """
+        base = re.split(r"[/\\]", filename)[-1].lower()
+        for glob in self.attachments_deny:
+            if fnmatch.fnmatchcase(base, glob):
+                return glob
+        return None
+
+    def denied_content_type(self, content_type: str) -> str | None:
+        """
+        The entry of C{content_types_deny} that a C{Content-Type} value (parameters
+        allowed) matches, case-insensitively, or C{None}.
+        """
+        value = content_type.partition(";")[0].strip().lower()
+        major = value.partition("/")[0]
+        for denied in self.content_types_deny:
+            if denied == value or denied == f"{major}/*":
+                return denied
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +563,19 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """
+    ``[state]`` [11]: where persistent and shared state lives.  ``dsn`` (PostgreSQL) never
+    holds a password (that is refused); the password is in ``dsn_password_file``, which
+    the store reads when it connects: no configuration object holds it.
+    """
+
+    backend: str = "sqlite"
+    dsn: str = ""
+    dsn_password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration."""
 
@@ -476,6 +590,8 @@ class Config:
     poller: PollerConfig
     sso_pop3: SSOConfig
     admin: AdminConfig
+    state: StateConfig = StateConfig()
+    inspections: tuple[InspectionProfile, ...] = ()
     path: Path | None = None
 
     def proxies(self) -> tuple[ProxyConfig, ...]:
@@ -505,6 +621,13 @@ class Config:
         for policy in self.group_policies:
             if policy.name == name:
                 return policy
+        return None
+
+    def inspection(self, name: str) -> InspectionProfile | None:
+        """The C{[[inspection]]} profile called C{name}, or C{None} (also for C{""})."""
+        for profile in self.inspections:
+            if profile.name == name:
+                return profile
         return None
 
 
@@ -582,9 +705,11 @@ def parse_config(data: Mapping[str, object], base_dir: Path, *, check_files: boo
     pop3s, imap4s, smtps = (_parse_proxy(root.table(p), p, base) for p in PROTOCOLS)
     groups, group_paths = _parse_server_groups(root, base)
     policies = _parse_group_policies(root)
+    inspections = _parse_inspections(root, base)
     poller = _parse_poller(root.table("poller"))
     sso = _parse_sso(root.table("sso"))
     admin = _parse_admin(root.table("admin"), base)
+    state = _parse_state(root.table("state"), base, check_files=check_files)
     root.finish()
     config = Config(
         gateway=gateway,
@@ -598,10 +723,13 @@ def parse_config(data: Mapping[str, object], base_dir: Path, *, check_files: boo
         poller=poller,
         sso_pop3=sso,
         admin=admin,
+        state=state,
+        inspections=inspections,
     )
     _check_tls(ctx, config)
     _check_proxies(ctx, config)
     _check_policy_references(ctx, config)
+    _check_inspection_references(ctx, config)
     _check_listeners(ctx, config)
     _check_sso_and_admin(ctx, config)
     if check_files:
@@ -692,6 +820,8 @@ class _Context:
         self.dropped_groups: set[str] = set()
         # key paths whose value is the built-in default (absent from the file)
         self.defaulted: set[str] = set()
+        # (key path, inspection profile name) references, checked once all are known
+        self.inspection_references: list[tuple[str, str]] = []
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -1257,6 +1387,7 @@ def _parse_upstream(t: _Table, protocol: str, base: Path) -> UpstreamServerConfi
         tls=tls,
         verify_certificate=t.boolean("verify_certificate", True),
         ca=t.path_value("ca", "", base),
+        forward_client_address=t.boolean("forward_client_address", False),
     )
     t.finish()
     return config
@@ -1467,18 +1598,160 @@ def _parse_group_policies(root: _Table) -> tuple[GroupPolicy, ...]:
             t.problem("name", f"{name!r} is already the name of {seen[name]}")
         elif name:
             seen[name] = t.path
+        inspection = t.string("inspection", "")
+        if inspection and t.ctx.ok(t.key("inspection")):
+            t.ctx.inspection_references.append((t.key("inspection"), inspection))
         policies.append(
             GroupPolicy(
                 name=name,
                 simultaneous_logins=t.integer("simultaneous_logins", 3, minimum=0),
                 idle_timeout=t.integer("idle_timeout", 1800, minimum=1),
                 max_session_time=t.integer("max_session_time", 0, minimum=0),
+                inspection=inspection,
             )
         )
         t.finish()
     if DEFAULT_GROUP_POLICY not in seen:
         policies.append(GroupPolicy(DEFAULT_GROUP_POLICY, 3, 1800, 0))
     return tuple(policies)
+
+
+# RFC 5322 field-name: printable US-ASCII except ":"
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")
+# RFC 2045 token (printable US-ASCII except tspecials), without "*": that is the wildcard
+_MIME_NAME = r"[!#$%&'+\-.0-9A-Z^_`a-z{|}~]+"
+_MIME_TYPE = re.compile(rf"({_MIME_NAME})/({_MIME_NAME}|\*)")
+# sun_path of struct sockaddr_un holds 108 bytes, the terminating NUL included
+_UNIX_PATH_MAX = 107
+
+
+def _parse_inspections(root: _Table, base: Path) -> tuple[InspectionProfile, ...]:
+    profiles: list[InspectionProfile] = []
+    seen: dict[str, str] = {}
+    for t in root.tables("inspection") or []:
+        name = t.string("name", None)
+        if name and not _GROUP_NAME.fullmatch(name):
+            t.problem("name", f"must be 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+        elif name in seen:
+            t.problem("name", f"{name!r} is already the name of {seen[name]}")
+        elif name:
+            seen[name] = t.path
+        max_message_size = t.integer("max_message_size", 26214400, minimum=1, maximum=2**53)
+        scan_limit = t.integer("scan_limit", 26214400, minimum=1, maximum=2**53)
+        scan_limit_action = t.string("scan_limit_action", "refuse", choices=SCAN_LIMIT_ACTIONS)
+        clamd = _parse_clamd_address(t, "clamd", "unix:/run/clamav/clamd.ctl", base)
+        clamd_timeout = t.seconds("clamd_timeout", 30)
+        on_scanner_failure = t.string("on_scanner_failure", "tempfail", choices=SCANNER_FAILURE_ACTIONS)
+        globs: list[str] = []
+        for path, glob in t.strings("attachments_deny", ("*.exe", "*.js", "*.vbs", "*.scr")):
+            problem = _glob_problem(glob)
+            if problem:
+                t.ctx.problem(path, problem)
+            else:
+                globs.append(glob.lower())
+        types: list[str] = []
+        for path, value in t.strings("content_types_deny", ("application/x-msdownload",)):
+            if _MIME_TYPE.fullmatch(value):
+                types.append(value.lower())
+            else:
+                t.ctx.problem(path, f"not a MIME type (type/subtype or type/*): {value!r}")
+        attachment_action = t.string("attachment_action", "strip", choices=ATTACHMENT_ACTIONS)
+        rules: list[HeaderRule] = []
+        for r in t.tables("header_rules") or []:
+            rule = _parse_header_rule(r)
+            if rule is not None:
+                rules.append(rule)
+        t.finish()
+        profiles.append(
+            InspectionProfile(
+                name=name,
+                max_message_size=max_message_size,
+                scan_limit=scan_limit,
+                scan_limit_action=scan_limit_action,
+                clamd=clamd,
+                clamd_timeout=clamd_timeout,
+                on_scanner_failure=on_scanner_failure,
+                attachments_deny=tuple(globs),
+                content_types_deny=tuple(types),
+                attachment_action=attachment_action,
+                header_rules=tuple(rules),
+            )
+        )
+    return tuple(profiles)
+
+
+def _parse_clamd_address(t: _Table, key: str, default: str, base: Path) -> ClamdAddress | None:
+    """C{""} (none), C{unix:PATH} (resolved against C{base}) or C{tcp:HOST:PORT}."""
+    value = t.string(key, default)
+    if not value or not t.ctx.ok(t.key(key)):
+        return None
+    kind, _, rest = value.partition(":")
+    if kind == "unix" and rest:
+        if "\0" in rest:
+            t.problem(key, "must not contain a NUL character")
+            return None
+        path = _resolve(base, rest)
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            t.problem(key, f"a UNIX socket path has at most {_UNIX_PATH_MAX} bytes, got {path}")
+            return None
+        return ClamdAddress("unix", path=path)
+    if kind == "tcp":
+        server = _parse_host_port(rest)
+        if server is not None:
+            return ClamdAddress("tcp", host=server.host, port=server.port)
+    t.problem(key, f'must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus), got {value!r}')
+    return None
+
+
+def _glob_problem(glob: str) -> str | None:
+    """Why C{glob} cannot be a file name pattern, if it cannot."""
+    if not glob:
+        return "must not be empty"
+    if any(c in "/\\" or not c.isprintable() for c in glob):
+        return f"a file name glob has no '/', '\\' or control characters, got {glob!r}"
+    i = 0
+    while i < len(glob):
+        if glob[i] == "[":
+            # fnmatch: "]" right after "[" or "[!" is a member, not the end
+            j = i + 1
+            if j < len(glob) and glob[j] == "!":
+                j += 1
+            if j < len(glob) and glob[j] == "]":
+                j += 1
+            end = glob.find("]", j)
+            if end < 0:
+                return f"unbalanced '[' in glob {glob!r}"
+            i = end
+        i += 1
+    return None
+
+
+def _parse_header_rule(t: _Table) -> HeaderRule | None:
+    header = t.string("header", None)
+    if t.ctx.ok(t.key("header")) and not _HEADER_NAME.fullmatch(header):
+        t.problem("header", f"not a header field name: {header!r}")
+    match = t.string("match", None)
+    pattern: re.Pattern[str] | None = None
+    if t.ctx.ok(t.key("match")):
+        try:
+            pattern = re.compile(match)
+        except re.error as e:
+            t.problem("match", f"not a regular expression ({e.msg} at position {e.pos}): {match!r}")
+        except (RecursionError, OverflowError, ValueError):
+            t.problem("match", f"not a usable regular expression: {match!r}")
+    action = t.string("action", None, choices=HEADER_RULE_ACTIONS)
+    tag = t.string("tag", "")
+    if t.has("tag") and t.ctx.ok(t.key("tag"), t.key("action")):
+        if action != "tag":
+            t.problem("tag", 'only with action = "tag"')
+        elif not (0 < len(tag) <= 64 and tag.isprintable()):
+            t.problem("tag", f"must be 1-64 printable characters, got {tag!r}")
+    elif action == "tag":
+        tag = "[SUSPECT]"
+    t.finish()
+    if pattern is None or not t.ctx.ok(t.key("header"), t.key("action"), t.key("tag")):
+        return None
+    return HeaderRule(header, pattern, action, tag if action == "tag" else "")
 
 
 def _parse_poller(t: _Table) -> PollerConfig:
@@ -1584,6 +1857,40 @@ def _parse_admin(t: _Table, base: Path) -> AdminConfig:
     return AdminConfig(socket, manhole, keys, metrics)
 
 
+def _parse_state(t: _Table, base: Path, *, check_files: bool) -> StateConfig:
+    backend = t.string("backend", "sqlite", choices=STATE_BACKENDS)
+    dsn = t.string("dsn", "")
+    password_file = t.path_value("dsn_password_file", "", base)
+    t.finish()
+    if dsn:
+        # Imported here: psycopg is loaded only by configurations that name a database.
+        from mailgw.state.dsn import DSNError, dsn_parameters
+
+        try:
+            dsn_parameters(dsn)
+        except DSNError as e:
+            t.problem("dsn", str(e))  # never quotes the DSN: it may hold the password
+            dsn = ""
+    elif backend == "postgresql" and t.ctx.ok(t.key("dsn")):
+        t.problem("dsn", 'must be set when state.backend is "postgresql" (e.g. "postgresql://mailgw@db1/mailgw")')
+    if backend == "postgresql" and password_file is not None and check_files:
+        problem = _file_problem(password_file)
+        if problem is None:
+            try:
+                mode = stat.S_IMODE(password_file.stat().st_mode)
+            except OSError as e:
+                problem = f"cannot access {password_file}: {e.strerror or e}"
+            else:
+                if mode & 0o006:
+                    problem = (
+                        f"must not be readable or writable by others (mode {mode:04o}): "
+                        f"chmod o-rw {password_file}"
+                    )
+        if problem is not None:
+            t.problem("dsn_password_file", problem)
+    return StateConfig(backend, dsn, password_file)
+
+
 # --- Cross-section checks ------------------------------------------------------------
 
 
@@ -1679,6 +1986,15 @@ def _check_policy_references(ctx: _Context, config: Config) -> None:
     for path, name in ctx.policy_references:
         if name not in names:
             ctx.problem(path, f"no group_policy named {name!r}")
+
+
+def _check_inspection_references(ctx: _Context, config: Config) -> None:
+    if ctx.names_unknown("inspection"):
+        return  # a profile entry is unreadable: missing names may only be follow-on problems
+    names = {profile.name for profile in config.inspections}
+    for path, name in ctx.inspection_references:
+        if name not in names:
+            ctx.problem(path, f"no inspection profile named {name!r}")
 
 
 def _overlap(

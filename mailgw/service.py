@@ -7,6 +7,7 @@ the AAA portals, the TLS context) belongs to the objects created here.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -53,18 +54,24 @@ from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics, metrics_service
 from mailgw.poller.service import PollerService
 from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
-from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper
+from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper, LoginFailed
 from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry, SessionState
 from mailgw.proxy.relay import CLOSE_GRACE
 from mailgw.proxy.smtp import SMTPSession
-from mailgw.state import StateService
-from mailgw.state.sqlite import SQLiteState
+from mailgw.sso.capture import CaptureService
+from mailgw.sso.export import AccountingExport
+from mailgw.sso.identity import IdentitySource, IdentityTable
+from mailgw.sso.monitor import Pop3Monitor
+from mailgw.sso.persist import IdentityPersistence
+from mailgw.sso.portal import PortalResource, portal_service, portal_site
+from mailgw.state import StateService, open_state
 from mailgw.systemd import SystemdNotifier
 from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
 from mailgw.upstream import Connector
+from mailgw.upstream.smtpprobe import SMTPCapabilities
 
 #: the session class of each proxy section
 SESSION_CLASSES: Mapping[str, type[ProxySession]] = {
@@ -101,6 +108,18 @@ class Listener(StreamServerEndpointService):
         self.key: tuple[object, ...] = (name,)
         # Fail startService (and so the daemon's start) when the port cannot be bound.
         self._raiseSynchronously = True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerTLSOf:
+    """The gateway's current server TLS context (followed across reloads), for the
+    SSO portal."""
+
+    def __init__(self, gateway: GatewayService) -> None:
+        self._gateway = gateway
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self._gateway.server_tls.serverConnectionForTLS(tlsProtocol)
 
 
 class _CurrentEnvironment:
@@ -187,14 +206,34 @@ class GatewayService(MultiService):
         #: through them; closed at stop
         self._retired_accounting: list[RadiusAccounting] = []
         self.limits: dict[str, PendingLimit] = {}
+        #: the SSO identity table [7] (kept across reloads) and its accounting export
+        self.identities: IdentityTable | None = None
+        #: writes the table's changes to the state store, reads them back at start [7]
+        self.identity_persistence: IdentityPersistence | None = None
+        #: fires with the number of entries restored at start
+        self.identities_restored: defer.Deferred[int] | None = None
+        self._identity_export: AccountingExport | None = None
+        self._retired_exports: list[AccountingExport] = []
+        self._capture: CaptureService | None = None
+        self._portal: Any = None
+        self.monitor: Pop3Monitor | None = None
+        self._identity_sweep = TimerService(30, self._expire_identities)
+        self._identity_sweep.clock = reactor
+        self._identity_sweep.setServiceParent(self)
+        #: the default SMTP server's extensions, for the EHLO answer before AUTH [4.5]
+        self.smtp_capabilities = SMTPCapabilities(reactor)
+        self.smtp_capabilities.setServiceParent(self)
         if config.gateway.workers > 1:
             self.log.warn(
                 "gateway.workers = {workers}: this version runs one process; the extra workers are not started",
                 workers=config.gateway.workers,
             )
-        self._apply(config)
         # All persistent state goes through one store (SQLite now) [1].
-        self.state = SQLiteState(config.gateway.state_dir / "state.sqlite3", reactor)
+        # SQLite (one machine) or PostgreSQL (several gateways) [11]; a change of
+        # [state] takes effect at the next start.  Made before _apply, which may
+        # make the SSO identity table that persists through it.
+        self.state = open_state(config, reactor)
+        self._apply(config)
         StateService(self.state).setServiceParent(self)  # before the poller: closes after it
         self.poller = PollerService(config, self.state, self.connector, reactor, metrics=self.metrics)
         self.poller.setServiceParent(self)
@@ -323,6 +362,8 @@ class GatewayService(MultiService):
         kept = set(map(id, accounting.values()))
         self._retired_accounting.extend(a for a in self.accounting.values() if id(a) not in kept)
         self.accounting = accounting
+        self._configure_sso(config, old_config)
+        self.smtp_capabilities.configure(config.smtps, config.gateway.node_name, connector.tls_options)
         wanted: dict[tuple[object, ...], tuple[Listener, ProxyEnvironment]] = {}
         for proxy in config.proxies():
             if not proxy.enabled:
@@ -334,6 +375,7 @@ class GatewayService(MultiService):
                 config.group_policy,
                 authorizers=authorizers,
                 limits={name: limit for name, limit in limits.items() if name not in self_limited},
+                identities=self.identities,
             )
             acct = accounting.get(proxy.accounting_server_group) if proxy.accounting_server_group else None
             # A new environment: listeners hand it to new sessions; established
@@ -351,6 +393,11 @@ class GatewayService(MultiService):
                 metrics=self.metrics,
                 penalty=self.penalty,
                 connections=self.connections,
+                identities=self.identities,
+                sso_inline=config.sso_pop3
+                if proxy.protocol == "pop3s" and config.sso_pop3.enabled and config.sso_pop3.mode == "inline"
+                else None,
+                smtp_extensions=self.smtp_capabilities.keywords if proxy.protocol == "smtps" else None,
             )
             self.environments[proxy.protocol] = env
             current_env = _CurrentEnvironment(self.environments, proxy.protocol)
@@ -387,6 +434,104 @@ class GatewayService(MultiService):
         if poller is not None:
             poller.reconfigure(config)
         return problems
+
+    def _configure_sso(self, config: Config, old: Config | None) -> None:
+        """The identity table and its export for C{sso.pop3} [7]: made when SSO is
+        on (and kept across reloads, its ttl updated); the export follows the
+        collectors."""
+        sso = config.sso_pop3
+        if not sso.enabled:
+            return
+        if self.identities is None:
+            self.identities = IdentityTable(self.reactor, sso.ttl)
+            # The table survives a restart [7]: restored at start (now, when a
+            # reload turned SSO on), every change written to the state store.
+            self.identity_persistence = IdentityPersistence(self.state)
+            self.identities.subscribe(self.identity_persistence)
+            if self.running:
+                self.identities_restored = self.identity_persistence.load(self.identities)
+        self.identities.ttl = sso.ttl
+        if sso.mode == "monitor" and self._capture is None:
+            self._start_monitor(config)
+        if sso.portal and self._portal is None:
+            self._start_portal(config)
+        if old is not None and old.sso_pop3.radius_accounting == sso.radius_accounting and self._identity_export:
+            return
+        if self._identity_export is not None:
+            self.identities.unsubscribe(self._identity_export)
+            self._retired_exports.append(self._identity_export)
+            self._identity_export = None
+        if sso.radius_accounting:
+            self._identity_export = AccountingExport(self.radius, sso.radius_accounting, config.gateway.node_name)
+            self.identities.subscribe(self._identity_export)
+
+    def _start_monitor(self, config: Config) -> None:
+        """Monitor mode [7]: capture the POP3 servers' traffic on the mirror port
+        and learn from the logins seen (never injecting anything).  Set up at start;
+        a reload's change of the monitor settings takes effect at the next start."""
+        sso = config.sso_pop3
+        servers = []
+        for server in sso.servers:
+            try:
+                ipaddress.ip_address(server.host.strip("[]"))
+            except ValueError:
+                self.log.warn(
+                    "sso.pop3.servers: {server} is not an IP address; monitor mode watches addresses only",
+                    server=str(server),
+                )
+                continue
+            servers.append((server.host.strip("[]"), server.port))
+        identities = self.identities
+        assert identities is not None
+
+        def learned(client_ip: str, user: str, server: tuple[str, int]) -> None:
+            if sso.applies_to(client_ip):
+                identities.learn(client_ip, user, IdentitySource.MONITOR)
+
+        self.monitor = Pop3Monitor(servers, learned, self.reactor)
+        self._capture = CaptureService(
+            self.reactor, sso.monitor_interface, sorted({port for _, port in servers}), self.monitor.frame_received
+        )
+        self._capture.setServiceParent(self)
+
+    def _start_portal(self, config: Config) -> None:
+        """The SSO portal [7]: an HTTPS login page with the gateway's certificate and
+        the POP3S proxy's AAA (its gatekeeper as it is at each login, the failure
+        penalty, the bounded AAA work).  Its endpoint is read at start."""
+        identities = self.identities
+        assert identities is not None
+        penalty = self.penalty
+        clock = self.reactor
+
+        async def authenticate(user: str, password: str, client_ip: str) -> tuple[str, str | None]:
+            env = self.environments.get("pop3s")
+            if env is None or not self.config.pop3s.enabled:
+                raise LoginFailed("the POP3S proxy is disabled: no AAA for the portal", temporary=True)
+            delay = penalty.delay(client_ip)
+            if delay > 0:
+                await deferLater(clock, delay)
+            try:
+                identity = await env.gatekeeper.check_password(user, password, client_ip)
+            except LoginFailed as e:
+                if not e.temporary:
+                    penalty.failed(client_ip)
+                raise
+            penalty.succeeded(client_ip)
+            return identity.user, identity.policy.name
+
+        resource = PortalResource(
+            identities,
+            authenticate,
+            clock,
+            failure_delay=self.failure_delay,
+            applies_to=config.sso_pop3.applies_to,
+        )
+        self._portal = portal_service(config.sso_pop3.portal, portal_site(resource, clock), clock, _ServerTLSOf(self))
+        self._portal.setServiceParent(self)
+
+    def _expire_identities(self) -> None:
+        if self.identities is not None:
+            self.identities.expire()
 
     def reload(self, path: str | os.PathLike[str] | None = None) -> list[str]:
         """Load the configuration again (from C{path} or the running one's file),
@@ -452,6 +597,10 @@ class GatewayService(MultiService):
         if self.install_signal_handlers:
             signal.signal(signal.SIGHUP, self._sighup)
         super().startService()
+        if self.identity_persistence is not None and self.identities is not None:
+            # After StateService.startService: the store serves calls in order, so
+            # this read comes after its opening (and migration).
+            self.identities_restored = self.identity_persistence.load(self.identities)
         for listener in self.listeners():
             self.log.info("Listening: {listener}", listener=listener.description)
 
@@ -487,9 +636,14 @@ class GatewayService(MultiService):
             if close is not None:
                 await defer.maybeDeferred(close)
         self.connections.stop()
+        # 5. The identity table's last writes, before StateService closes the store.
+        if self.identity_persistence is not None:
+            await self.identity_persistence.drain()
         await defer.maybeDeferred(super().stopService)
         for accounting in [*self.accounting.values(), *self._retired_accounting]:
             accounting.close()
+        for export in [*self._retired_exports, *([self._identity_export] if self._identity_export else [])]:
+            export.close()
         await self.radius.close()
 
     def stopService(self) -> defer.Deferred[None]:

@@ -20,11 +20,14 @@ from mailgw.config import (
     DEFAULT_GROUP_POLICY,
     AdminConfig,
     CertificateAuthorizationConfig,
+    ClamdAddress,
     Config,
     ConfigError,
     GatewayConfig,
     GroupPolicy,
+    HeaderRule,
     HostPort,
+    InspectionProfile,
     InterfaceConfig,
     LdapGroup,
     Listener,
@@ -82,6 +85,13 @@ def pop3_group(**overrides: Any) -> dict[str, Any]:
     group: dict[str, Any] = {"name": "mailserver", "protocol": "pop3", "servers": [{"host": "mail.example.com"}]}
     group.update(overrides)
     return group
+
+
+def inspection(**overrides: Any) -> dict[str, Any]:
+    """An [[inspection]] profile named "strict" (everything else at its default)."""
+    profile: dict[str, Any] = {"name": "strict"}
+    profile.update(overrides)
+    return profile
 
 
 def with_groups(*groups: dict[str, Any]) -> list[dict[str, Any]]:
@@ -773,6 +783,224 @@ RULES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["admin.metrics: endpoint interface is not an IP address: 'lo'"],
     ),
     ("adminSocketNotEmpty", {"admin": {"socket": ""}}, ["admin.socket: must not be empty"]),
+    # [[inspection]] [4.9]
+    (
+        "inspectionUnknownKey",
+        {"inspection": [inspection(clamav="tcp:x:1")]},
+        ['inspection[0].clamav: unknown key (did you mean "clamd"?)'],
+    ),
+    ("inspectionNameMissing", {"inspection": [{"scan_limit": 10}]}, ["inspection[0].name: missing"]),
+    (
+        "inspectionNameSyntax",
+        {"inspection": [inspection(name="no spaces")]},
+        ["inspection[0].name: must be 1-64 letters, digits, '_', '.' or '-', got 'no spaces'"],
+    ),
+    (
+        "inspectionNameUnique",
+        {"inspection": [inspection(), inspection()]},
+        ["inspection[1].name: 'strict' is already the name of inspection[0]"],
+    ),
+    (
+        "inspectionMustBeTables",
+        {"inspection": {"name": "strict"}},
+        ["inspection: must be an array of tables, got table"],
+    ),
+    (
+        "maxMessageSizePositive",
+        {"inspection": [inspection(max_message_size=0)]},
+        [f"inspection[0].max_message_size: must be 1..{2**53}, got 0"],
+    ),
+    (
+        "scanLimitInteger",
+        {"inspection": [inspection(scan_limit="25M")]},
+        ["inspection[0].scan_limit: must be an integer, got string"],
+    ),
+    (
+        "scanLimitAction",
+        {"inspection": [inspection(scan_limit_action="skip")]},
+        ['inspection[0].scan_limit_action: must be one of "refuse", "pass", got \'skip\''],
+    ),
+    (
+        "clamdAddressKind",
+        {"inspection": [inspection(clamd="/run/clamav/clamd.ctl")]},
+        [
+            'inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus),'
+            " got '/run/clamav/clamd.ctl'"
+        ],
+    ),
+    (
+        "clamdUnixNeedsPath",
+        {"inspection": [inspection(clamd="unix:")]},
+        ['inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus), got \'unix:\''],
+    ),
+    (
+        "clamdTcpNeedsPort",
+        {"inspection": [inspection(clamd="tcp:127.0.0.1")]},
+        ['inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus), got \'tcp:127.0.0.1\''],
+    ),
+    (
+        "clamdTcpPortRange",
+        {"inspection": [inspection(clamd="tcp:127.0.0.1:99999")]},
+        [
+            'inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus),'
+            " got 'tcp:127.0.0.1:99999'"
+        ],
+    ),
+    (
+        "clamdTcpHost",
+        {"inspection": [inspection(clamd="tcp:bad host:3310")]},
+        ['inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus), got \'tcp:bad host:3310\''],
+    ),
+    (
+        "clamdTcpEndpointSyntaxIsNotAccepted",
+        {"inspection": [inspection(clamd="tcp:host=127.0.0.1:port=3310")]},
+        [
+            'inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus),'
+            " got 'tcp:host=127.0.0.1:port=3310'"
+        ],
+    ),
+    (
+        "clamdUnixNul",
+        {"inspection": [inspection(clamd="unix:/run/a\0b")]},
+        ["inspection[0].clamd: must not contain a NUL character"],
+    ),
+    (
+        "clamdUnixPathLength",
+        {"inspection": [inspection(clamd="unix:/" + "s" * 107)]},
+        [f"inspection[0].clamd: a UNIX socket path has at most 107 bytes, got /{'s' * 107}"],
+    ),
+    (
+        "clamdTimeoutPositive",
+        {"inspection": [inspection(clamd_timeout=0)]},
+        ["inspection[0].clamd_timeout: must be a positive number, got 0"],
+    ),
+    (
+        "onScannerFailure",
+        {"inspection": [inspection(on_scanner_failure="reject")]},
+        ['inspection[0].on_scanner_failure: must be one of "tempfail", "pass", got \'reject\''],
+    ),
+    (
+        "attachmentsDenyStrings",
+        {"inspection": [inspection(attachments_deny="*.exe")]},
+        ["inspection[0].attachments_deny: must be an array of strings, got string"],
+    ),
+    (
+        "attachmentGlobEmpty",
+        {"inspection": [inspection(attachments_deny=["*.exe", ""])]},
+        ["inspection[0].attachments_deny[1]: must not be empty"],
+    ),
+    (
+        "attachmentGlobBracket",
+        {"inspection": [inspection(attachments_deny=["*.[ce]xe", "*.[exe"])]},
+        ["inspection[0].attachments_deny[1]: unbalanced '[' in glob '*.[exe'"],
+    ),
+    (
+        "attachmentGlobBracketOnlyMember",
+        {"inspection": [inspection(attachments_deny=["*.[]"])]},
+        ["inspection[0].attachments_deny[0]: unbalanced '[' in glob '*.[]'"],
+    ),
+    (
+        "attachmentGlobPath",
+        {"inspection": [inspection(attachments_deny=["dir/*.exe"])]},
+        ["inspection[0].attachments_deny[0]: a file name glob has no '/', '\\' or control characters, got 'dir/*.exe'"],
+    ),
+    (
+        "attachmentGlobControl",
+        {"inspection": [inspection(attachments_deny=["*.exe\n"])]},
+        ["inspection[0].attachments_deny[0]: a file name glob has no '/', '\\' or control characters, got '*.exe\\n'"],
+    ),
+    (
+        "contentTypeSyntax",
+        {"inspection": [inspection(content_types_deny=["application/x-msdownload", "exe", "text/*/x"])]},
+        [
+            "inspection[0].content_types_deny[1]: not a MIME type (type/subtype or type/*): 'exe'",
+            "inspection[0].content_types_deny[2]: not a MIME type (type/subtype or type/*): 'text/*/x'",
+        ],
+    ),
+    (
+        "contentTypeWildcardMajor",
+        {"inspection": [inspection(content_types_deny=["*/*"])]},
+        ["inspection[0].content_types_deny[0]: not a MIME type (type/subtype or type/*): '*/*'"],
+    ),
+    (
+        "attachmentAction",
+        {"inspection": [inspection(attachment_action="quarantine")]},
+        ['inspection[0].attachment_action: must be one of "strip", "reject", got \'quarantine\''],
+    ),
+    (
+        "headerRulesTables",
+        {"inspection": [inspection(header_rules=["X-Spam-Flag"])]},
+        ["inspection[0].header_rules[0]: must be a table, got string"],
+    ),
+    (
+        "headerRuleBadRegex",
+        {"inspection": [inspection(header_rules=[{"header": "Subject", "match": "(unclosed", "action": "reject"}])]},
+        [
+            "inspection[0].header_rules[0].match: not a regular expression (missing ), unterminated subpattern"
+            " at position 0): '(unclosed'"
+        ],
+    ),
+    (
+        "headerRuleHeaderName",
+        {"inspection": [inspection(header_rules=[{"header": "X Spam:", "match": "x", "action": "reject"}])]},
+        ["inspection[0].header_rules[0].header: not a header field name: 'X Spam:'"],
+    ),
+    (
+        "headerRuleAction",
+        {"inspection": [inspection(header_rules=[{"header": "X-Spam-Flag", "match": "^YES", "action": "drop"}])]},
+        ['inspection[0].header_rules[0].action: must be one of "reject", "tag", got \'drop\''],
+    ),
+    (
+        "headerRuleKeysRequired",
+        {"inspection": [inspection(header_rules=[{}])]},
+        [
+            "inspection[0].header_rules[0].header: missing",
+            "inspection[0].header_rules[0].match: missing",
+            "inspection[0].header_rules[0].action: missing",
+        ],
+    ),
+    (
+        "headerRuleUnknownKey",
+        {
+            "inspection": [
+                inspection(header_rules=[{"header": "X-Spam-Flag", "match": "^YES", "action": "reject", "re": "x"}])
+            ]
+        },
+        ["inspection[0].header_rules[0].re: unknown key"],
+    ),
+    (
+        "headerRuleTagOnlyForTag",
+        {
+            "inspection": [
+                inspection(header_rules=[{"header": "X-Spam-Flag", "match": "^YES", "action": "reject", "tag": "[S]"}])
+            ]
+        },
+        ['inspection[0].header_rules[0].tag: only with action = "tag"'],
+    ),
+    (
+        "headerRuleTagPrintable",
+        {
+            "inspection": [
+                inspection(header_rules=[{"header": "Subject", "match": "x", "action": "tag", "tag": "[S]\r\nBcc: x"}])
+            ]
+        },
+        ["inspection[0].header_rules[0].tag: must be 1-64 printable characters, got '[S]\\r\\nBcc: x'"],
+    ),
+    (
+        "policyInspectionUnknown",
+        {"group_policy": [{"name": "Staff", "inspection": "strict"}]},
+        ["group_policy[0].inspection: no inspection profile named 'strict'"],
+    ),
+    (
+        "policyInspectionCaseMatters",
+        {"group_policy": [{"name": "Staff", "inspection": "Strict"}], "inspection": [inspection()]},
+        ["group_policy[0].inspection: no inspection profile named 'Strict'"],
+    ),
+    (
+        "policyInspectionString",
+        {"group_policy": [{"name": "Staff", "inspection": True}]},
+        ["group_policy[0].inspection: must be a string, got boolean"],
+    ),
 ]
 
 # Configurations that look suspicious but are valid.
@@ -842,6 +1070,40 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ),
     ("dfltGrpPolicyRedefined", {"group_policy": [{"name": DEFAULT_GROUP_POLICY, "simultaneous_logins": 1}]}),
     ("listenBacklogEdges", {"gateway": {"listen_backlog": 1}, "pop3s": {"max_login_line": 512}}),
+    (
+        "inspectionReferenced",
+        {"inspection": [inspection()], "group_policy": [{"name": "Staff", "inspection": "strict"}]},
+    ),
+    ("inspectionNotReferenced", {"inspection": [inspection(), inspection(name="lax")]}),
+    ("policyInspectionNone", {"group_policy": [{"name": "Staff", "inspection": ""}]}),
+    (
+        "inspectionEdges",
+        {
+            "inspection": [
+                inspection(
+                    max_message_size=1,
+                    scan_limit=2**53,
+                    clamd="",
+                    clamd_timeout=0.5,
+                    attachments_deny=[],
+                    content_types_deny=["Application/*", "x-foo/x.bar+baz"],
+                    header_rules=[{"header": "X-Spam-Flag", "match": "", "action": "tag"}],
+                )
+            ]
+        },
+    ),
+    (
+        "clamdAddresses",
+        {
+            "inspection": [
+                inspection(name="a", clamd="tcp:[::1]:3310"),
+                inspection(name="b", clamd="tcp:clamd.example.com:3310"),
+                inspection(name="c", clamd="unix:clamd.sock"),
+                inspection(name="d", clamd="unix:/" + "s" * 106),
+            ]
+        },
+    ),
+    ("globBracketLiteralClose", {"inspection": [inspection(attachments_deny=["*.[]x]", "*.[!]]", "[!a-z]*", "?.*"])]}),
     ("loginLimitEdges", {"imap4s": {"max_login_line": 65536, "max_login_literal": 0}}),
     ("loginLiteralOnEveryProxy", {p: {"max_login_literal": 65536} for p in ("pop3s", "imap4s", "smtps")}),
     ("smtpCapabilityEdges", {"smtps": {"fallback_message_size": 0, "capabilities_refresh": 10}}),
@@ -1609,6 +1871,7 @@ def _every_table() -> dict[str, Any]:
         "smtps": copy.deepcopy(proxy),
         "aaa_server_group": with_groups(ldap_group(), radius_group(), pop3_group()),
         "group_policy": [{"name": "Staff"}],
+        "inspection": [inspection(header_rules=[{"header": "Subject", "match": "x", "action": "tag"}])],
         "poller": {},
         "sso": {"pop3": {"radius_accounting": [{"host": "10.0.0.2", "secret": "x"}]}},
         "admin": {},
@@ -1640,12 +1903,16 @@ def _document_key_paths(node: object, path: str = "") -> set[str]:
 
 _TABLE_HEADER = re.compile(r"\[([A-Za-z0-9_.-]+)\]\s*(#.*)?")
 _COMMENTED_KEY = re.compile(r"#\s*([A-Za-z0-9_-]+\s*=.*)")
+# A commented-out example entry of an array of tables (``#[[inspection]]``): the
+# commented example lines after it show the keys of that array's entries.
+_COMMENTED_ARRAY_HEADER = re.compile(r"#\[\[([A-Za-z0-9_.-]+)\]\]\s*(#.*)?")
 
 
 def _sample_key_paths() -> set[str]:
     """
     The key paths the sample shows: those it sets, and those of the commented example
-    lines (``#   radius_accounting = [{ host = ... }]``) in its ``[table]`` sections.
+    lines (``#   radius_accounting = [{ host = ... }]``) in its ``[table]`` sections and
+    in commented-out entries of arrays of tables (``#[[inspection]]``).
     """
     text = SAMPLE.read_text()
     paths = _document_key_paths(tomllib.loads(text))
@@ -1656,6 +1923,9 @@ def _sample_key_paths() -> set[str]:
             section = header.group(1)
         elif line.startswith("[["):
             section = None  # an array item: which one is not known from the line alone
+        elif commented := _COMMENTED_ARRAY_HEADER.fullmatch(line):
+            section = f"{commented.group(1)}[]"
+            paths.add(commented.group(1))
         elif section is not None and (example := _COMMENTED_KEY.fullmatch(line)):
             try:
                 value = tomllib.loads(example.group(1))
@@ -1680,6 +1950,7 @@ KEYS = sorted(
         "interface",
         "aaa_server_group",
         "group_policy",
+        "inspection",
         "poller",
         "sso",
         "pop3",
@@ -1709,6 +1980,17 @@ scalars = st.one_of(
             "ldap://x",
             "ssl:1",
             "tcp:1:interface=::1",
+            "tcp:127.0.0.1:3310",
+            "unix:/run/clamav/clamd.ctl",
+            "*.exe",
+            "*.[",
+            "application/x-msdownload",
+            "^YES",
+            "(",
+            "strict",
+            "reject",
+            "tag",
+            "strip",
             "ssh:22:interface=127.0.0.1",
             "a\x00b",
             "10.0.0.0/8",
@@ -1950,3 +2232,352 @@ class Pop3ServerTrustTests(SynchronousTestCase):
             any(p.startswith("aaa_server_group[1].servers[0].ca: file not found") for p in caught.exception.problems),
             caught.exception.problems,
         )
+
+
+def _uncommented_sample() -> str:
+    """The sample with its commented-out example entries (``#[[inspection]]``, ``#name = …``) put back."""
+    return re.sub(r"(?m)^#(?=\[\[|[a-z_]+ = )", "", SAMPLE.read_text())
+
+
+class InspectionTests(SynchronousTestCase):
+    """``[[inspection]]`` profiles [3] [4.9] and ``group_policy.inspection``."""
+
+    def test_defaults(self) -> None:
+        """A profile with only a name has SPEC [3]'s defaults; no profile is the default."""
+        self.assertEqual(parse_config(base(), BASE_DIR, check_files=False).inspections, ())
+        config = parse_config(merge(base(), {"inspection": [inspection()]}), BASE_DIR, check_files=False)
+        self.assertEqual(
+            config.inspections,
+            (
+                InspectionProfile(
+                    name="strict",
+                    max_message_size=26214400,
+                    scan_limit=26214400,
+                    scan_limit_action="refuse",
+                    clamd=ClamdAddress("unix", path=Path("/run/clamav/clamd.ctl")),
+                    clamd_timeout=30,
+                    on_scanner_failure="tempfail",
+                    attachments_deny=("*.exe", "*.js", "*.vbs", "*.scr"),
+                    content_types_deny=("application/x-msdownload",),
+                    attachment_action="strip",
+                    header_rules=(),
+                ),
+            ),
+        )
+        self.assertIs(config.inspection("strict"), config.inspections[0])
+        self.assertIsNone(config.inspection(""))
+        self.assertIsNone(config.inspection("lax"))
+
+    def test_valuesRead(self) -> None:
+        """Every key is read as given; globs and types are lower-cased, clamd parsed."""
+        config = parse_config(
+            merge(
+                base(),
+                {
+                    "inspection": [
+                        inspection(
+                            max_message_size=1000,
+                            scan_limit=500,
+                            scan_limit_action="pass",
+                            clamd="tcp:127.0.0.1:3310",
+                            clamd_timeout=2.5,
+                            on_scanner_failure="pass",
+                            attachments_deny=["*.EXE", "Invoice?.pdf"],
+                            content_types_deny=["Application/X-MSDownload", "video/*"],
+                            attachment_action="reject",
+                            header_rules=[
+                                {"header": "X-Spam-Flag", "match": "^YES", "action": "reject"},
+                                {"header": "subject", "match": "(?i)lottery", "action": "tag"},
+                                {"header": "X-Spam-Level", "match": r"^\*{5}", "action": "tag", "tag": "[SPAM]"},
+                            ],
+                        )
+                    ],
+                    "group_policy": [{"name": "Staff", "inspection": "strict"}],
+                },
+            ),
+            BASE_DIR,
+            check_files=False,
+        )
+        profile = config.inspections[0]
+        self.assertEqual(
+            (profile.max_message_size, profile.scan_limit, profile.scan_limit_action),
+            (1000, 500, "pass"),
+        )
+        self.assertEqual(profile.clamd, ClamdAddress("tcp", host="127.0.0.1", port=3310))
+        self.assertEqual((profile.clamd_timeout, profile.on_scanner_failure), (2.5, "pass"))
+        self.assertEqual(profile.attachments_deny, ("*.exe", "invoice?.pdf"))
+        self.assertEqual(profile.content_types_deny, ("application/x-msdownload", "video/*"))
+        self.assertEqual(profile.attachment_action, "reject")
+        self.assertEqual(
+            profile.header_rules,
+            (
+                HeaderRule("X-Spam-Flag", re.compile("^YES"), "reject"),
+                HeaderRule("subject", re.compile("(?i)lottery"), "tag", "[SUSPECT]"),
+                HeaderRule("X-Spam-Level", re.compile(r"^\*{5}"), "tag", "[SPAM]"),
+            ),
+        )
+        policy = config.group_policy("Staff")
+        assert policy is not None
+        self.assertEqual(policy.inspection, "strict")
+        self.assertEqual(config.group_policy(DEFAULT_GROUP_POLICY), GroupPolicy(DEFAULT_GROUP_POLICY, 3, 1800, 0, ""))
+
+    def test_clamdAddresses(self) -> None:
+        """unix paths are resolved against the configuration folder; tcp takes names and [IPv6]; "" is none."""
+        profiles = parse_config(
+            merge(
+                base(),
+                {
+                    "inspection": [
+                        inspection(name="a", clamd="unix:clamd.sock"),
+                        inspection(name="b", clamd="tcp:[::1]:3310"),
+                        inspection(name="c", clamd="tcp:clamd.example.com:10"),
+                        inspection(name="d", clamd=""),
+                    ]
+                },
+            ),
+            BASE_DIR,
+            check_files=False,
+        ).inspections
+        self.assertEqual(
+            [p.clamd for p in profiles],
+            [
+                ClamdAddress("unix", path=BASE_DIR / "clamd.sock"),
+                ClamdAddress("tcp", host="::1", port=3310),
+                ClamdAddress("tcp", host="clamd.example.com", port=10),
+                None,
+            ],
+        )
+        self.assertEqual(
+            [str(p.clamd) for p in profiles[:3]],
+            ["unix:/etc/mailgw/clamd.sock", "tcp:[::1]:3310", "tcp:clamd.example.com:10"],
+        )
+
+    def test_deniedAttachment(self) -> None:
+        """File names match the globs case-insensitively, on their last path component."""
+        profile = parse_config(
+            merge(base(), {"inspection": [inspection(attachments_deny=["*.EXE", "report[0-9].doc", "*.[!t]xt"])]}),
+            BASE_DIR,
+            check_files=False,
+        ).inspections[0]
+        for name, glob in [
+            ("tool.exe", "*.exe"),
+            ("TOOL.Exe", "*.exe"),
+            ("C:\\temp\\tool.exe", "*.exe"),
+            ("../tool.exe", "*.exe"),
+            ("Report7.DOC", "report[0-9].doc"),
+            ("notes.bxt", "*.[!t]xt"),
+            ("notes.txt", None),
+            ("tool.exe.txt", None),
+            ("tool.exe/", None),
+            ("reportX.doc", None),
+        ]:
+            self.assertEqual(profile.denied_attachment(name), glob, name)
+
+    def test_deniedContentType(self) -> None:
+        """Content-Type values (parameters ignored, any case) match type/subtype and type/*."""
+        profile = parse_config(
+            merge(base(), {"inspection": [inspection(content_types_deny=["application/x-msdownload", "video/*"])]}),
+            BASE_DIR,
+            check_files=False,
+        ).inspections[0]
+        for value, denied in [
+            ("application/x-msdownload", "application/x-msdownload"),
+            ('Application/X-MSDownload; name="a.exe"', "application/x-msdownload"),
+            (" video/mp4 ", "video/*"),
+            ("application/octet-stream", None),
+            ("text/plain", None),
+            ("videox/mp4", None),
+        ]:
+            self.assertEqual(profile.denied_content_type(value), denied, value)
+
+    def test_sampleExampleProfile(self) -> None:
+        """The sample's commented-out profile, put back, is valid and is SPEC [3]'s example."""
+        text = _uncommented_sample()
+        self.assertIn("\n[[inspection]]\n", text)
+        data = tomllib.loads(text)
+        data["group_policy"][0]["inspection"] = "strict"
+        config = parse_config(data, SAMPLE.parent, check_files=False)
+        (profile,) = config.inspections
+        self.assertEqual(profile.name, "strict")
+        self.assertEqual(profile.clamd, ClamdAddress("unix", path=Path("/run/clamav/clamd.ctl")))
+        defaults = parse_config(merge(base(), {"inspection": [inspection()]}), BASE_DIR, check_files=False)
+        self.assertEqual(profile, defaults.inspections[0])
+        self.assertEqual(config.group_policies[0].inspection, "strict")
+
+    def test_sampleHasNoActiveProfile(self) -> None:
+        """As shipped, the sample inspects nothing: no profile, no policy names one."""
+        config = load_config(SAMPLE)
+        self.assertEqual(config.inspections, ())
+        self.assertEqual({p.inspection for p in config.group_policies}, {""})
+
+    def test_unreadableProfileNoFollowOn(self) -> None:
+        """A profile without a readable name does not make a policy's reference a problem too."""
+        self.assertEqual(
+            problems_of(
+                merge(
+                    base(), {"inspection": [{"name": 5}], "group_policy": [{"name": "Staff", "inspection": "strict"}]}
+                )
+            ),
+            ["inspection[0].name: must be a string, got integer"],
+        )
+
+    def test_severalProblemsInOneProfile(self) -> None:
+        """All the problems of a profile are reported together, in key order."""
+        self.assertEqual(
+            problems_of(
+                merge(
+                    base(),
+                    {
+                        "inspection": [
+                            inspection(
+                                clamd="tcp:nope",
+                                attachments_deny=["*.[x"],
+                                header_rules=[{"header": "Subject", "match": "[", "action": "reject"}],
+                            )
+                        ]
+                    },
+                )
+            ),
+            [
+                'inspection[0].clamd: must be "unix:PATH" or "tcp:HOST:PORT" ("" = no antivirus), got \'tcp:nope\'',
+                "inspection[0].attachments_deny[0]: unbalanced '[' in glob '*.[x'",
+                "inspection[0].header_rules[0].match: not a regular expression"
+                " (unterminated character set at position 0): '['",
+            ],
+        )
+
+
+class StateConfigTests(SynchronousTestCase):
+    """``[state]`` [11]: the backend, a DSN without a password, a private password file."""
+
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+        password_hash = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+        (self.folder / "users.toml").write_text(f'[users.alice]\npassword_hash = "{password_hash}"\n')
+
+    def problems(self, state: dict[str, Any], *, check_files: bool = False) -> list[str]:
+        return problems_of(merge(base(), {"state": state}), check_files=check_files, base_dir=self.folder)
+
+    def password_file(self, mode: int) -> Path:
+        path = self.folder / "db-password"
+        path.write_text("s3cret-db-password\n")
+        path.chmod(mode)
+        return path
+
+    def test_defaults(self) -> None:
+        """Without [state]: SQLite, no DSN, no password file."""
+        from mailgw.config import StateConfig
+
+        config = parse_config(base(), BASE_DIR, check_files=False)
+        self.assertEqual(config.state, StateConfig("sqlite", "", None))
+
+    def test_postgresql(self) -> None:
+        """A PostgreSQL DSN (URI or key=value) and a relative password file, resolved
+        against the configuration folder."""
+        self.password_file(0o640)
+        for dsn in ("postgresql://mailgw@db1:5432/mailgw?sslmode=verify-full", "host=db1 user=mailgw dbname=mailgw"):
+            data = merge(base(), {"state": {"backend": "postgresql", "dsn": dsn, "dsn_password_file": "db-password"}})
+            config = parse_config(data, self.folder, check_files=False)
+            self.assertEqual(
+                (config.state.backend, config.state.dsn, config.state.dsn_password_file),
+                ("postgresql", dsn, self.folder / "db-password"),
+            )
+            self.assertEqual(self.problems(data["state"], check_files=True), [])
+
+    def test_backendChoices(self) -> None:
+        """The backend is "sqlite" or "postgresql"."""
+        self.assertEqual(
+            self.problems({"backend": "mysql"}),
+            ['state.backend: must be one of "sqlite", "postgresql", got \'mysql\''],
+        )
+
+    def test_unknownKey(self) -> None:
+        """Unknown [state] keys are reported, with the key meant."""
+        self.assertEqual(
+            self.problems({"dsn_pasword_file": ""}),
+            ['state.dsn_pasword_file: unknown key (did you mean "dsn_password_file"?)'],
+        )
+
+    def test_postgresqlNeedsDsn(self) -> None:
+        """backend = "postgresql" without a DSN is refused."""
+        self.assertEqual(
+            self.problems({"backend": "postgresql"}),
+            ['state.dsn: must be set when state.backend is "postgresql" (e.g. "postgresql://mailgw@db1/mailgw")'],
+        )
+
+    def test_passwordInDsnRefused(self) -> None:
+        """A DSN holding a password, in any of libpq's forms, is refused with a message
+        that says where the password goes and never quotes it (whatever the backend)."""
+        for dsn in (
+            "postgresql://mailgw:hunter2-pw@db1/mailgw",
+            "postgres://mailgw@db1/mailgw?password=hunter2-pw",
+            "host=db1 user=mailgw password=hunter2-pw",
+            "host=db1 sslpassword=hunter2-pw",
+        ):
+            for backend in ("postgresql", "sqlite"):
+                problems = self.problems({"backend": backend, "dsn": dsn})
+                self.assertEqual(len(problems), 1, problems)
+                self.assertRegex(
+                    problems[0],
+                    r"^state\.dsn: must not contain a password \((ssl)?password is set\): "
+                    r"put the password in the file named by state\.dsn_password_file$",
+                )
+                self.assertNotIn("hunter2", problems[0])
+
+    def test_malformedDsnNotQuoted(self) -> None:
+        """A DSN libpq cannot read is refused without quoting it (it may hold a password)."""
+        problems = self.problems({"backend": "postgresql", "dsn": "host=db1 hunter2-pw"})
+        self.assertEqual(
+            problems,
+            [
+                'state.dsn: not a PostgreSQL connection string: use a URI ("postgresql://mailgw@db1/mailgw") '
+                'or key=value pairs ("host=db1 user=mailgw dbname=mailgw")'
+            ],
+        )
+
+    def test_passwordFileMissing(self) -> None:
+        """With check_files, the password file must exist."""
+        self.assertEqual(
+            self.problems(
+                {"backend": "postgresql", "dsn": "postgresql://mailgw@db1/mailgw", "dsn_password_file": "nope"},
+                check_files=True,
+            ),
+            [f"state.dsn_password_file: file not found: {self.folder}/nope"],
+        )
+
+    def test_passwordFileOpenToOthers(self) -> None:
+        """A password file that others may read or write is refused; group access is
+        allowed (root:mailgw 0640)."""
+        path = self.password_file(0o644)
+        state = {"backend": "postgresql", "dsn": "postgresql://mailgw@db1/mailgw", "dsn_password_file": str(path)}
+        self.assertEqual(
+            self.problems(state, check_files=True),
+            [f"state.dsn_password_file: must not be readable or writable by others (mode 0644): chmod o-rw {path}"],
+        )
+        path.chmod(0o602)
+        self.assertEqual(
+            self.problems(state, check_files=True),
+            [f"state.dsn_password_file: must not be readable or writable by others (mode 0602): chmod o-rw {path}"],
+        )
+        for mode in (0o600, 0o640, 0o400):
+            path.chmod(mode)
+            self.assertEqual(self.problems(state, check_files=True), [])
+
+    def test_passwordFileNotRead(self) -> None:
+        """The configuration never holds the password: not in the objects, not in
+        their repr."""
+        path = self.password_file(0o600)
+        data = merge(
+            base(),
+            {
+                "state": {
+                    "backend": "postgresql",
+                    "dsn": "postgresql://mailgw@db1/mailgw",
+                    "dsn_password_file": str(path),
+                }
+            },
+        )
+        config = parse_config(data, self.folder, check_files=False)
+        self.assertNotIn("s3cret", repr(config))
+        self.assertNotIn("s3cret", repr(config.state))

@@ -138,11 +138,11 @@ class HandshakeFirstTests(SynchronousTestCase):
         session.makeConnection(transport)
         self.assertEqual(transport.value(), b"")
         session.handshakeCompleted()
-        self.assertEqual(transport.value(), b"+OK POP3 gateway ready.\r\n")
+        self.assertEqual(transport.value(), b"+OK mailgw POP3 gateway ready.\r\n")
         plain = harness.session_class(harness.env, implicit_tls=False)
         plain_transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40001))
         plain.makeConnection(plain_transport)
-        self.assertEqual(plain_transport.value(), b"+OK POP3 gateway ready.\r\n")
+        self.assertEqual(plain_transport.value(), b"+OK mailgw POP3 gateway ready.\r\n")
 
     def test_handshakeTimeout(self) -> None:
         """A TLS handshake not completed within min(10 s, login_timeout) aborts the
@@ -320,7 +320,14 @@ class SlowUpstreamTests(EdgeBase):
         self.addCleanup(silent.stopListening)
         silent_port = int(silent.getHost().port)  # type: ignore[attr-defined]
         await self.gateway.stop()
-        self.gateway = self.start(default_server={"host": "127.0.0.1", "port": silent_port, "tls": "none"})
+        # POP3 only: the SMTP proxy would read its default server's EHLO there too.
+        self.gateway = start_gateway(
+            self,
+            self.pki,
+            VPN_USERS,
+            {"default_server": {"host": "127.0.0.1", "port": silent_port, "tls": "none"}, "login_timeout": 2},
+            group_policy=POLICIES,
+        )
         port = self.gateway.port("pop3s")
 
         def login() -> Any:

@@ -550,11 +550,11 @@ class ProxyProtocolTests(TestCase):
         """On a proxy_protocol interface the session's client is the one the header
         names, and the header is not seen as a command."""
         answer, clients = await self.session_after_header(True)
-        self.assertTrue(answer.startswith(b"+OK POP3 gateway ready."), answer)
+        self.assertTrue(answer.startswith(b"+OK mailgw-test POP3 gateway ready."), answer)
         self.assertIn("203.0.113.9:40001", clients)
 
     async def test_otherInterfaceTreatsHeaderAsCommand(self) -> None:
         """Elsewhere a PROXY line is just an unknown command from the real peer."""
         answer, clients = await self.session_after_header(False)
-        self.assertEqual(answer, b"+OK POP3 gateway ready.\r\n-ERR Invalid command.\r\n")
+        self.assertEqual(answer, b"+OK mailgw-test POP3 gateway ready.\r\n-ERR Invalid command.\r\n")
         self.assertNotIn("203.0.113.9", clients)

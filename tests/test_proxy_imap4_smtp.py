@@ -44,6 +44,24 @@ class IMAP4DialogueTests(SynchronousTestCase):
         self.assertIn(b"SASL-IR", greeting)
         self.assertNotIn(b"STARTTLS", greeting)
 
+    def test_greetingNamesGatewayAndMechanisms(self) -> None:
+        """The greeting names the gateway (gateway.node_name) and, over TLS, offers
+        AUTH=PLAIN and AUTH=LOGIN; CAPABILITY says the same; on the plaintext port
+        neither, only LOGINDISABLED."""
+        harness = imap_harness()
+        harness.env.node_name = "gw7.example.net"
+        session, tls = harness.connect()
+        greeting = answers(tls)[0]
+        self.assertTrue(greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 "), greeting)
+        self.assertTrue(greeting.endswith(b"] gw7.example.net IMAP gateway ready."), greeting)
+        self.assertIn(b" AUTH=PLAIN AUTH=LOGIN", greeting)
+        session.dataReceived(b"c CAPABILITY\r\n")
+        self.assertIn(b" AUTH=PLAIN AUTH=LOGIN", answers(tls)[0])
+        _, plain = harness.connect(implicit_tls=False)
+        greeting = answers(plain)[0]
+        self.assertNotIn(b"AUTH=", greeting)
+        self.assertIn(b"LOGINDISABLED", greeting)
+
     def test_starttlsDiscardsPipelined(self) -> None:
         """Commands pipelined after STARTTLS in the same packet are not executed."""
         harness = imap_harness()
@@ -201,6 +219,107 @@ class IMAP4DialogueTests(SynchronousTestCase):
         session.dataReceived(b"z LOGOUT\r\n")
         self.assertEqual(answers(transport), [b"* BYE Logging out.", b"z OK LOGOUT completed."])
         self.assertTrue(transport.disconnecting)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+class IMAP4AuthenticateLoginTests(SynchronousTestCase):
+    """AUTHENTICATE LOGIN, with and without SASL-IR (RFC 4959: the initial response is
+    the user name); the server's LOGIN is done with the decoded credentials."""
+
+    def setUp(self) -> None:
+        self.harness = imap_harness()
+        self.session, self.transport = self.harness.connect()
+        answers(self.transport)
+
+    def send(self, data: bytes) -> list[bytes]:
+        self.session.dataReceived(data)
+        return answers(self.transport)
+
+    def assert_logs_in(self, tag: bytes, user: bytes = b"alice", password: bytes = b"alice-pw") -> None:
+        upstream = self.harness.connector.upstreams[-1]
+        upstream.dataReceived(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] Dovecot ready.\r\n")
+        wire = upstream_wire(self.harness)
+        self.assertEqual(wire.value(), b'mgw1 LOGIN "' + user + b'" "' + password + b'"\r\n')
+        upstream.dataReceived(b"mgw1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+        self.assertEqual(answers(self.transport), [tag + b" OK [CAPABILITY IMAP4rev1 IDLE] Logged in"])
+        assert self.session.info is not None
+        self.assertIs(self.session.info.state, SessionState.AUTHENTICATED)
+
+    def test_continuations(self) -> None:
+        """Without an initial response: '+ VXNlcm5hbWU6' (Username:), then
+        '+ UGFzc3dvcmQ6' (Password:); the session is authenticating from the first
+        step; the tagged OK carries the server's capabilities."""
+        self.assertEqual(self.send(b"a1 AUTHENTICATE LOGIN\r\n"), [b"+ VXNlcm5hbWU6"])
+        assert self.session.info is not None
+        self.assertIs(self.session.info.state, SessionState.AUTHENTICATING)
+        self.assertEqual(self.send(b64(b"alice") + b"\r\n"), [b"+ UGFzc3dvcmQ6"])
+        self.assertEqual(self.send(b64(b"alice-pw") + b"\r\n"), [])
+        self.assert_logs_in(b"a1")
+
+    def test_saslIr(self) -> None:
+        """With SASL-IR the user name comes with the command: only the password is
+        asked for; the mechanism name is case-insensitive."""
+        self.assertEqual(self.send(b"a2 authenticate login " + b64(b"alice") + b"\r\n"), [b"+ UGFzc3dvcmQ6"])
+        self.send(b64(b"alice-pw") + b"\r\n")
+        self.assert_logs_in(b"a2")
+
+    def test_pipelinedAnswers(self) -> None:
+        """The command and both answers in one write log in as if each had waited."""
+        lines = self.send(b"a3 AUTHENTICATE LOGIN\r\n" + b64(b"alice") + b"\r\n" + b64(b"alice-pw") + b"\r\n")
+        self.assertEqual(lines, [b"+ VXNlcm5hbWU6", b"+ UGFzc3dvcmQ6"])
+        self.assert_logs_in(b"a3")
+
+    def test_vpnSyntaxInLoginItems(self) -> None:
+        """The decoded items go through the login syntax like LOGIN's: the VPN part is
+        split off, the mail user and password go to the server."""
+        self.send(b"a4 AUTHENTICATE LOGIN " + b64(b"alice:mailbox") + b"\r\n")
+        self.send(b64(b"alice-pw:mail-secret") + b"\r\n")
+        self.assert_logs_in(b"a4", b"mailbox", b"mail-secret")
+
+    def test_wrongPassword(self) -> None:
+        """A wrong password gets the tagged NO [AUTHENTICATIONFAILED] after the delay."""
+        self.send(b"a5 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b64(b"wrong") + b"\r\n"), [])
+        self.harness.clock.advance(1)
+        self.assertEqual(answers(self.transport), [b"a5 NO [AUTHENTICATIONFAILED] Authentication failed."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_cancelled(self) -> None:
+        """'*' cancels at either step with a tagged BAD; the next line is a command."""
+        self.send(b"a6 AUTHENTICATE LOGIN\r\n")
+        self.assertEqual(self.send(b"*\r\n"), [b"a6 BAD Authentication cancelled."])
+        self.send(b"a7 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b"*\r\nb NOOP\r\n"), [b"a7 BAD Authentication cancelled.", b"b OK NOOP completed."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_badItems(self) -> None:
+        """Bad base64 or an empty user name (as answer or as '=' initial response) get
+        a tagged BAD at once; bad base64 for the password too; nothing goes upstream."""
+        self.send(b"a8 AUTHENTICATE LOGIN\r\n")
+        self.assertEqual(self.send(b"!!!\r\n"), [b"a8 BAD Invalid SASL LOGIN user name."])
+        self.assertEqual(self.send(b"a9 AUTHENTICATE LOGIN =\r\n"), [b"a9 BAD Invalid SASL LOGIN user name."])
+        self.send(b"b1 AUTHENTICATE LOGIN\r\n")
+        self.assertEqual(self.send(b"\r\n"), [b"b1 BAD Invalid SASL LOGIN user name."])
+        self.send(b"b2 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")
+        self.assertEqual(self.send(b"a===\r\n"), [b"b2 BAD Invalid SASL LOGIN password."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_lineTooLongEndsExchange(self) -> None:
+        """An over-long answer to the password challenge ends the exchange with BAD:
+        the next line is a command, never taken as the password."""
+        self.send(b"c1 AUTHENTICATE LOGIN " + b64(b"alice") + b"\r\n")
+        lines = self.send(b"A" * 5000 + b"\r\nc2 NOOP\r\n")
+        self.assertEqual(lines, [b"c1 BAD Line too long.", b"c2 OK NOOP completed."])
+        self.assertEqual(self.harness.connector.targets, [])
+
+    def test_unsupportedMechanism(self) -> None:
+        """Other mechanisms get NO."""
+        self.assertEqual(
+            self.send(b"c3 AUTHENTICATE CRAM-MD5\r\n"), [b"c3 NO Unsupported authentication mechanism."]
+        )
 
 
 class SMTPDialogueTests(SynchronousTestCase):

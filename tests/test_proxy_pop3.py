@@ -124,11 +124,15 @@ class PreLoginTests(SynchronousTestCase):
         self.harness = POP3Harness(make_config())
 
     def test_greeting(self) -> None:
-        """A new connection gets a +OK greeting and is unauthenticated."""
+        """A new connection gets a +OK greeting naming the gateway (gateway.node_name)
+        and is unauthenticated."""
         session, transport = self.harness.connect()
-        self.assertEqual(answers(transport), [b"+OK POP3 gateway ready."])
+        self.assertEqual(answers(transport), [b"+OK mailgw POP3 gateway ready."])
         assert session.info is not None
         self.assertIs(session.info.state, SessionState.UNAUTHENTICATED)
+        self.harness.env.node_name = "gw7.example.net"
+        _, transport = self.harness.connect(implicit_tls=False)
+        self.assertEqual(answers(transport), [b"+OK gw7.example.net POP3 gateway ready."])
 
     def test_capaOnImplicitTLS(self) -> None:
         """CAPA over TLS lists USER and SASL PLAIN LOGIN but not STLS."""
@@ -141,6 +145,59 @@ class PreLoginTests(SynchronousTestCase):
         self.assertIn(b"SASL PLAIN LOGIN", lines)
         self.assertNotIn(b"STLS", lines)
         self.assertEqual(lines[-1], b".")
+
+    def test_capaPipelining(self) -> None:
+        """CAPA before login offers PIPELINING (RFC 2449), on both ports."""
+        for implicit_tls in (True, False):
+            session, transport = self.harness.connect(implicit_tls=implicit_tls)
+            answers(transport)
+            session.dataReceived(b"CAPA\r\n")
+            self.assertIn(b"PIPELINING", answers(transport), implicit_tls)
+
+    def test_pipelinedLoginThenRelay(self) -> None:
+        """What PIPELINING promises before login: CAPA, USER, PASS and two commands
+        for after the login in one write are answered in order, the last two by the
+        mail server once the login is through."""
+        session, transport = self.harness.connect()
+        answers(transport)
+        session.dataReceived(b"CAPA\r\nNOOP\r\nUSER alice\r\nPASS alice-pw\r\nSTAT\r\nLIST 1\r\n")
+        lines = answers(transport)
+        self.assertEqual(lines[0], b"+OK Capability list follows")
+        self.assertEqual(lines[-3:], [b".", b"-ERR Not logged in.", b"+OK Send the password."])
+        upstream = login_upstream(self.harness)
+        wire = upstream.transport
+        assert isinstance(wire, TLSStringTransport)
+        self.assertEqual(answers(transport), [b"+OK Logged in."])
+        self.assertTrue(wire.value().endswith(b"PASS alice-pw\r\nSTAT\r\nLIST 1\r\n"), wire.value())
+
+    def test_pipelinedAfterFailedLogin(self) -> None:
+        """Commands pipelined behind a failing PASS wait for its answer (after the
+        failure delay) and are then answered in order: a second, good login goes
+        through."""
+        session, transport = self.harness.connect()
+        answers(transport)
+        session.dataReceived(b"USER alice\r\nPASS wrong\r\nUSER alice\r\nPASS alice-pw\r\nSTAT\r\n")
+        self.assertEqual(answers(transport), [b"+OK Send the password."])
+        self.assertEqual(self.harness.connector.targets, [])
+        self.harness.clock.advance(1)
+        self.assertEqual(answers(transport), [b"-ERR [AUTH] Authentication failed.", b"+OK Send the password."])
+        upstream = login_upstream(self.harness)
+        self.assertEqual(answers(transport), [b"+OK Logged in."])
+        wire = upstream.transport
+        assert isinstance(wire, TLSStringTransport)
+        self.assertTrue(wire.value().endswith(b"PASS alice-pw\r\nSTAT\r\n"), wire.value())
+
+    def test_pipelinedSaslContinuation(self) -> None:
+        """AUTH LOGIN with its two answers sent in the same write as the command
+        logs in as if each had waited for its '+'."""
+        session, transport = self.harness.connect()
+        answers(transport)
+        session.dataReceived(
+            b"AUTH LOGIN\r\n" + base64.b64encode(b"alice") + b"\r\n" + base64.b64encode(b"alice-pw") + b"\r\n"
+        )
+        self.assertEqual(answers(transport), [b"+ VXNlcm5hbWU6", b"+ UGFzc3dvcmQ6"])
+        login_upstream(self.harness)
+        self.assertEqual(answers(transport), [b"+OK Logged in."])
 
     def test_capaOnPlaintextPort(self) -> None:
         """CAPA before STLS offers STLS and no login mechanisms."""

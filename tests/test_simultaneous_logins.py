@@ -12,7 +12,7 @@ from tests.test_edge_close import EdgeBase
 
 
 class LoginsNotConnectionsTests(EdgeBase):
-    def imap_login(self, source: str, user: str = "alice", password: str = "alice-mail") -> Any:
+    def imap_login(self, source: str, user: str = "alice", password: str = "alice-mail") -> Any:  # noqa: S107
         sock = tls_connect(self.gateway.port("imap4s"), self.pki.ca_path, source=source)
         read_until(sock, b"\r\n")
         sock.sendall(f"a LOGIN {user} {password}\r\n".encode())

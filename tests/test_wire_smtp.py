@@ -420,3 +420,58 @@ class ModuleTests(SynchronousTestCase):
         self.assertEqual(MAX_REPLY_LINE, 512)
         for name in smtp.__all__:
             self.assertTrue(hasattr(smtp, name), name)
+
+
+class RelayedExtensionsTests(SynchronousTestCase):
+    """relayed_extensions and fallback_extensions: what the gateway's EHLO before AUTH
+    carries of the mail server's extensions [4.5]."""
+
+    def test_postfixAndDovecot(self) -> None:
+        """Of a Postfix answer, SIZE with its limit, PIPELINING, 8BITMIME,
+        ENHANCEDSTATUSCODES, SMTPUTF8, in the fixed order; of Dovecot submission's,
+        CHUNKING too; AUTH, STARTTLS, VRFY, ETRN, DSN, BURL are not passed on."""
+        postfix = {
+            "SMTPUTF8": (), "PIPELINING": (), "SIZE": ("10240000",), "VRFY": (), "ETRN": (), "STARTTLS": (),
+            "AUTH": ("PLAIN", "LOGIN"), "ENHANCEDSTATUSCODES": (), "8BITMIME": (), "DSN": (),
+        }
+        self.assertEqual(
+            smtp.relayed_extensions(postfix),
+            ("SIZE 10240000", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"),
+        )
+        dovecot = {
+            "8BITMIME": (), "AUTH": ("PLAIN",), "BURL": ("imap",), "CHUNKING": (), "ENHANCEDSTATUSCODES": (),
+            "SIZE": ("40000000",), "PIPELINING": (),
+        }
+        self.assertEqual(
+            smtp.relayed_extensions(dovecot),
+            ("SIZE 40000000", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "CHUNKING"),
+        )
+        self.assertEqual(smtp.relayed_extensions({}), ())
+
+    def test_sizeParameter(self) -> None:
+        """SIZE keeps a number (leading zeros dropped) and is bare otherwise: nothing
+        else the server sent reaches the client."""
+        cases = [
+            (("0",), "SIZE 0"),
+            (("007",), "SIZE 7"),
+            ((), "SIZE"),
+            (("x\r\n250 EVIL",), "SIZE"),
+            (("1" * 21,), "SIZE"),
+            (("-5",), "SIZE"),
+        ]
+        for params, expected in cases:
+            self.assertEqual(smtp.relayed_extensions({"SIZE": params}), (expected,), params)
+
+    @given(st.dictionaries(keywords.map(str.upper), st.lists(texts, max_size=3).map(tuple)))
+    def test_alwaysValidEhloLines(self, offered: dict[str, tuple[str, ...]]) -> None:
+        """Whatever a server offers, the result is a subset of the relayed keywords
+        that makes a valid EHLO answer."""
+        lines = smtp.relayed_extensions(offered)
+        self.assertLessEqual({line.split(" ")[0] for line in lines}, set(smtp.RELAYED_EXTENSIONS))
+        ehlo_reply("gw", "hello", lines)
+
+    def test_fallback(self) -> None:
+        """The fallback: SIZE of the configured limit (bare for 0), 8BITMIME and
+        ENHANCEDSTATUSCODES; never PIPELINING, SMTPUTF8 or CHUNKING."""
+        self.assertEqual(smtp.fallback_extensions(10240000), ("SIZE 10240000", "8BITMIME", "ENHANCEDSTATUSCODES"))
+        self.assertEqual(smtp.fallback_extensions(0), ("SIZE", "8BITMIME", "ENHANCEDSTATUSCODES"))

@@ -28,14 +28,15 @@ from zope.interface import implementer
 
 from mailgw.auth.limits import PenaltyTable
 from mailgw.auth.radius import AccountingSession, RadiusAccounting, TerminateCause
-from mailgw.config import InterfaceConfig, ProxyConfig
+from mailgw.config import InterfaceConfig, ProxyConfig, SSOConfig
 from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics
 from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay, cancel_timer, close_transport
+from mailgw.sso.identity import IdentitySource, IdentityTable, sso_applies
 from mailgw.tls import peer_certificate, set_nodelay, ssl_error_text
-from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget
+from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
 from mailgw.wire.login import LoginRequest, parse_login
@@ -83,6 +84,14 @@ class ProxyEnvironment:
     #: every session whose connections are not all gone yet (shared by the proxies;
     #: a graceful stop waits for it to empty)
     connections: LiveConnections[ProxySession] | set[ProxySession] = field(default_factory=set)
+    #: SMTP: the default server's extensions for the EHLO answer before AUTH, as EHLO
+    #: lines (L{mailgw.upstream.smtpprobe.SMTPCapabilities.keywords}); None: the fallback
+    smtp_extensions: Callable[[], tuple[str, ...]] | None = None
+    #: the SSO identity table [7] (None: SSO off)
+    identities: IdentityTable | None = None
+    #: C{sso.pop3} where this proxy learns identities inline (the POP3 proxy with
+    #: C{mode = "inline"}), else None
+    sso_inline: SSOConfig | None = None
 
 
 class ProxyFactory(Factory):
@@ -420,8 +429,19 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         return b""
 
     def make_upstream(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> UpstreamProtocol:
-        """The login client for this session's upstream connection."""
-        return self.upstream_class(target, tls)
+        """The login client for this session's upstream connection.  With the default
+        server's C{forward_client_address} it gets the real client [4.7]: the peer
+        (behind a load balancer, the PROXY header's source), the gateway's address it
+        reached, the session id and, for IMAP, the client's own ID parameters
+        (C{client_id_fields}, kept by the IMAP session)."""
+        if not self.proxy.default_server.forward_client_address or self.transport is None or self.info is None:
+            return self.upstream_class(target, tls)
+        origin = client_origin(
+            self.transport,
+            self.info.session_id,
+            client_id=tuple(getattr(self, "client_id_fields", ())),
+        )
+        return self.upstream_class(target, tls, origin=origin)
 
     def answer_login_ok(self, upstream_answer: bytes) -> bytes:
         """What the client gets when the relay starts (by default, the upstream
@@ -546,6 +566,12 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self._pending = None
         if penalty is not None:
             penalty.succeeded(self.client_ip)
+        sso = env.sso_inline
+        if sso is not None and env.identities is not None and sso_applies(sso, self.client_ip, target):
+            # Inline SSO: a successful mailhost login tells who is at this address [7].
+            env.identities.learn(
+                self.client_ip, identity.user, IdentitySource.INLINE, group_policy=identity.policy.name
+            )
         self.log.info(
             "Session {session_id}: {user} logged in as {mail_user} at {upstream} "
             "(group policy {group_policy})",

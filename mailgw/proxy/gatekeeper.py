@@ -28,8 +28,10 @@ from mailgw.auth.portal import (
 from mailgw.auth.radius import TerminateCause
 from mailgw.config import GroupPolicy, ProxyConfig
 from mailgw.proxy.registry import LoginRefused, SessionInfo, SessionRegistry
+from mailgw.sso.identity import IdentityTable
 from mailgw.upstream import UpstreamTarget
-from mailgw.wire.login import LoginRequest
+from mailgw.wire.errors import LoginSyntaxError
+from mailgw.wire.login import LoginRequest, parse_login
 
 #: looks a user up in an authorization server group: (username, secondary) → attributes
 Authorizer = Callable[[str, "str | None"], Awaitable[AuthenticatedUser]]
@@ -75,8 +77,11 @@ class Gatekeeper:
         *,
         authorizers: Mapping[str, Authorizer] | None = None,
         limits: Mapping[str, PendingLimit] | None = None,
+        identities: IdentityTable | None = None,
     ) -> None:
         self.proxy = proxy
+        #: the SSO identity table, for the piggyback method [4.3]
+        self._identities = identities
         self._authorizers = authorizers or {}
         self._limits = limits or {}
         self._realm = GatewayRealm(lookup_policy)
@@ -145,7 +150,7 @@ class Gatekeeper:
                     # Beside other methods: AUTH upstream only (the proxy does it).
                     continue
                 else:
-                    reasons.append(f"{method}: no identity table in this version")
+                    identity = self._piggyback(request, replace(context, method="piggyback"))
             except UnauthorizedLogin as e:
                 reasons.append(f"{method}: {e}")
             except AAAUnavailable as e:
@@ -157,6 +162,30 @@ class Gatekeeper:
             raise LoginFailed("; ".join(reasons) or "no authentication method succeeded", temporary=temporary)
         self._claim(info, identity)
         return identity
+
+    async def check_password(self, user: str, password: str, client_ip: str) -> VPNIdentity:
+        """The SSO portal's login [7]: this proxy's AAA (authentication group, then
+        the authorization group where set) for a user name and password, without a
+        mail server and without claiming a simultaneous login.  Raises
+        L{LoginFailed} (C{temporary} when the AAA servers are unavailable)."""
+        try:
+            request = parse_login(
+                user,
+                password,
+                user_delimiter=self.proxy.username_password_delimiter,
+                server_delimiter=self.proxy.server_delimiter,
+            )
+        except LoginSyntaxError as e:
+            raise LoginFailed(f"bad login syntax: {e}", kind="syntax") from None
+        context = LoginContext(
+            protocol="portal", client_ip=client_ip, default_group_policy=self.proxy.default_group_policy
+        )
+        try:
+            return await self._aaa(request, context)
+        except UnauthorizedLogin as e:
+            raise LoginFailed(f"aaa: {e}") from None
+        except AAAUnavailable as e:
+            raise LoginFailed(f"aaa: {e}", temporary=True) from None
 
     def mailhost_identity(self, info: SessionInfo, request: LoginRequest) -> VPNIdentity:
         """The identity of a login the mail server accepted (the C{mailhost}
@@ -192,6 +221,19 @@ class Gatekeeper:
             # [5.2]: the user must also be found there, and its attributes decide.
             return await self._authorized(identity.user, None, replace(context, method="aaa"))
         return identity
+
+    def _piggyback(self, request: LoginRequest, context: LoginContext) -> VPNIdentity:
+        """The client's address has a live entry in the identity table (a portal or
+        SSO login) for the same VPN user: no VPN password needed [4.3]."""
+        if self._identities is None:
+            raise UnauthorizedLogin("SSO is off (no identity table)")
+        entry = self._identities.lookup(context.client_ip)
+        if entry is None:
+            raise UnauthorizedLogin(f"no identity for {context.client_ip} in the identity table")
+        if entry.user != request.vpn_user:
+            raise UnauthorizedLogin(f"the identity of {context.client_ip} is another user")
+        user = AuthenticatedUser(name=entry.user, server_group="piggyback", local_policy=entry.group_policy)
+        return self._identity(user, context)
 
     async def _certificate(self, certificate: x509.Certificate | None, context: LoginContext) -> VPNIdentity:
         """The VPN identity from the client's verified certificate [4.3, 5.3]."""

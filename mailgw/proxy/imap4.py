@@ -1,10 +1,13 @@
 """The IMAP4S proxy [4.5]: CAPABILITY, STARTTLS, LOGIN (atoms, quoted strings,
-literals ``{n}`` and ``{n+}``), AUTHENTICATE PLAIN with and without SASL-IR, ID, NOOP,
-LOGOUT before login; after login the upstream's capabilities are passed on in the
-tagged OK and everything relays (IDLE, APPEND literals, COMPRESS: just bytes).
+literals ``{n}`` and ``{n+}``), AUTHENTICATE PLAIN and LOGIN with and without SASL-IR
+(RFC 4959; the LOGIN initial response is the user name), ID, NOOP, LOGOUT before
+login; after login the upstream's capabilities are passed on in the tagged OK and
+everything relays (IDLE, APPEND literals, COMPRESS: just bytes).
 """
 
 from __future__ import annotations
+
+import enum
 
 from mailgw.proxy.core import InputBuffer, ProxySession
 from mailgw.upstream.imap4 import IMAP4UpstreamLogin
@@ -22,6 +25,18 @@ _AUTHENTICATED_COMMANDS = frozenset(
 )
 
 
+#: the SASL mechanisms offered (``AUTH=…`` capabilities)
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class _Sasl(enum.Enum):
+    """What the client's next line answers, after a ``+`` continuation."""
+
+    PLAIN = 1  # the PLAIN response
+    LOGIN_USER = 2  # the LOGIN user name
+    LOGIN_PASSWORD = 3  # the LOGIN password
+
+
 class IMAP4Session(ProxySession):
     """One IMAP client connection."""
 
@@ -32,6 +47,10 @@ class IMAP4Session(ProxySession):
     _login_tag = "*"
     #: tag of an AUTHENTICATE waiting for the client's response line
     _sasl_tag: str | None = None
+    #: which step of the exchange that line answers
+    _sasl_step = _Sasl.PLAIN
+    #: the AUTHENTICATE LOGIN user name, while its password is awaited
+    _login_user = ""
 
     def make_input(self) -> InputBuffer:
         # The proxy's pre-login limits [4.10]; a whole LOGIN command holds a line and
@@ -51,14 +70,14 @@ class IMAP4Session(ProxySession):
         if self.starttls_available:
             caps.append("STARTTLS")
         if self.login_allowed:
-            caps.append("AUTH=PLAIN")
+            caps += [f"AUTH={mechanism}" for mechanism in MECHANISMS]
         else:
             caps.append("LOGINDISABLED")
         return caps
 
     def greet(self) -> None:
         caps = " ".join(self.capabilities())
-        self.write(imap4.untagged(f"OK [CAPABILITY {caps}] IMAP gateway ready."))
+        self.write(imap4.untagged(f"OK [CAPABILITY {caps}] {self.env.node_name} IMAP gateway ready."))
 
     # -- input ------------------------------------------------------------------------
 
@@ -69,9 +88,11 @@ class IMAP4Session(ProxySession):
                 return False
             tag, self._sasl_tag = self._sasl_tag, None
             if isinstance(raw, TooLong):
+                # The exchange ends: the next line is a command, never a credential.
+                self._login_user = ""
                 self.protocol_error(imap4.tagged(tag, "BAD", "Line too long."))
             else:
-                self._sasl_response(tag, raw)
+                self._sasl_line(tag, raw)
             return True
         event = self.reader.next_event()
         if event is None:
@@ -115,7 +136,7 @@ class IMAP4Session(ProxySession):
         elif name == "LOGOUT":
             self.close_with(imap4.untagged("BYE Logging out.") + imap4.tagged(tag, "OK", "LOGOUT completed."))
         elif name == "ID":
-            self.write(imap4.id_response({"name": "mailgw"}) + imap4.tagged(tag, "OK", "ID completed."))
+            self._id(tag, command.args)
         elif name == "STARTTLS":
             self._starttls(tag)
         elif name == "LOGIN":
@@ -126,6 +147,19 @@ class IMAP4Session(ProxySession):
             self.protocol_error(imap4.tagged(tag, "BAD", "Not logged in."))
         else:
             self.protocol_error(imap4.tagged(tag, "BAD", "Unknown command."))
+
+    #: the client's ID parameters (flat: field, value, …; the last ID before login
+    #: counts), passed on to the mail server after the gateway's own fields when the
+    #: default server has forward_client_address [4.7]
+    client_id_fields: tuple[str | None, ...] = ()
+
+    def _id(self, tag: str, args: tuple[imap4.Arg, ...]) -> None:
+        params = args[0] if args else None
+        if isinstance(params, tuple):
+            self.client_id_fields = tuple(p if isinstance(p, str) else None for p in params)
+        else:
+            self.client_id_fields = ()
+        self.write(imap4.id_response({"name": "mailgw"}) + imap4.tagged(tag, "OK", "ID completed."))
 
     def _starttls(self, tag: str) -> None:
         if self.tls_active:
@@ -161,19 +195,46 @@ class IMAP4Session(ProxySession):
             return
         if self._refuse_plaintext(tag):
             return
-        if args[0].upper() != "PLAIN":
+        mechanism = args[0].upper()
+        if mechanism not in MECHANISMS:
             self.protocol_error(imap4.tagged(tag, "NO", "Unsupported authentication mechanism."))
             return
-        if len(args) == 2 and isinstance(args[1], str):
-            self._sasl_response(tag, args[1].encode("ascii", "replace"))
-        elif len(args) == 1:
-            self._sasl_tag = tag
-            self.username_presented()
-            self.write(imap4.continuation())
-        else:
+        if len(args) > 2 or (len(args) == 2 and not isinstance(args[1], str)):
             self.protocol_error(imap4.tagged(tag, "BAD", "Invalid AUTHENTICATE arguments."))
+            return
+        initial = args[1].encode("ascii", "replace") if len(args) == 2 and isinstance(args[1], str) else None
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._expect(tag, _Sasl.PLAIN, "")
+            else:
+                self._plain(tag, initial)
+        elif initial is None:
+            self._expect(tag, _Sasl.LOGIN_USER, sasl.LOGIN_USERNAME_CHALLENGE.decode("ascii"))
+        else:
+            # SASL-IR: the LOGIN initial response is the user name (RFC 4959).
+            self._login_username(tag, initial)
 
-    def _sasl_response(self, tag: str, data: bytes) -> None:
+    def _expect(self, tag: str, step: _Sasl, challenge: str) -> None:
+        """Send a continuation; the client's next line answers C{step}."""
+        self._sasl_tag = tag
+        self._sasl_step = step
+        self.username_presented()
+        self.write(imap4.continuation(challenge))
+
+    def _sasl_line(self, tag: str, data: bytes) -> None:
+        """The client's answer to a continuation, or C{*} to cancel (RFC 9051 6.2.2)."""
+        data = data.strip()
+        if data == sasl.CANCEL:
+            self._login_user = ""
+            self.protocol_error(imap4.tagged(tag, "BAD", "Authentication cancelled."))
+        elif self._sasl_step is _Sasl.PLAIN:
+            self._plain(tag, data)
+        elif self._sasl_step is _Sasl.LOGIN_USER:
+            self._login_username(tag, data)
+        else:
+            self._login_password(tag, data)
+
+    def _plain(self, tag: str, data: bytes) -> None:
         data = data.strip()
         if data == sasl.CANCEL:
             self.protocol_error(imap4.tagged(tag, "BAD", "Authentication cancelled."))
@@ -185,6 +246,24 @@ class IMAP4Session(ProxySession):
             return
         self._login_tag = tag
         self.attempt_login(authcid, password)
+
+    def _login_username(self, tag: str, data: bytes) -> None:
+        try:
+            self._login_user = sasl.decode_login_username(data.strip())
+        except ProtocolError:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Invalid SASL LOGIN user name."))
+            return
+        self._expect(tag, _Sasl.LOGIN_PASSWORD, sasl.LOGIN_PASSWORD_CHALLENGE.decode("ascii"))
+
+    def _login_password(self, tag: str, data: bytes) -> None:
+        user, self._login_user = self._login_user, ""
+        try:
+            password = sasl.decode_login_item(data)
+        except ProtocolError:
+            self.protocol_error(imap4.tagged(tag, "BAD", "Invalid SASL LOGIN password."))
+            return
+        self._login_tag = tag
+        self.attempt_login(user, password)
 
     # -- answers ----------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The POP3S proxy [4.5]: CAPA, STLS, USER/PASS, AUTH PLAIN and AUTH LOGIN (both with
-or without an initial response, ``*`` cancelling), QUIT before login; after the login
-everything relays.
+or without an initial response, ``*`` cancelling), QUIT before login, pipelined or not;
+after the login everything relays.
 
 APOP is not offered: the gateway needs the password to check it and to log in to the
 mail server.
@@ -48,10 +48,13 @@ class POP3Session(ProxySession):
     _login_user = ""
 
     def greet(self) -> None:
-        self.write(pop3.ok("POP3 gateway ready."))
+        self.write(pop3.ok(f"{self.env.node_name} POP3 gateway ready."))
 
     def capabilities(self) -> list[str]:
-        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE"]
+        # PIPELINING (RFC 2449) holds before login: several commands in one read are
+        # answered in order, and those sent while a login is under way wait for it
+        # (then go to the mail server after a successful one).
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.login_allowed:
             caps += ["USER", "SASL " + " ".join(MECHANISMS)]
         if self.starttls_available:

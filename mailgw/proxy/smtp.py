@@ -1,18 +1,32 @@
 """The SMTPS proxy [4.5]: EHLO/HELO, STARTTLS, AUTH PLAIN and LOGIN (with initial
 response), RSET, NOOP, QUIT before login; after AUTH the upstream session is set up
 (EHLO, STARTTLS if configured, AUTH if ``mailhost`` is listed) and the client's later
-commands relay.  The capabilities advertised before AUTH are the gateway's; after AUTH
-a new EHLO reaches the mail server, whose SIZE and PIPELINING the client then sees.
+commands relay as bytes.
+
+Clients do not send EHLO again after AUTH, so the EHLO answer before AUTH carries the
+default server's SIZE, PIPELINING, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8 and CHUNKING
+where it has them (learned by L{mailgw.upstream.smtpprobe}); the server itself answers
+what the client then sends: ``MAIL FROM:<…> SIZE=n`` over its limit gets its ``552`` at
+once (Postfix ``5.3.4``, Dovecot ``5.2.3``), since nothing is parsed after AUTH [4.8].
+
+When the mail server closes the relayed connection without its goodbye (the ``221``
+that answers QUIT, or its own ``421``), a mail transaction may be open and the client
+would wait for an answer that never comes: the gateway answers ``421 4.4.2`` for it and
+closes at once.  After the server's ``221`` or ``421`` nothing is added.
 """
 
 from __future__ import annotations
 
 import enum
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgw.proxy.core import ProxySession
-from mailgw.upstream import UpstreamProtocol, UpstreamTarget
+from mailgw.proxy.relay import IRelayStage, Sink
+from mailgw.upstream import UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.upstream.smtp import SMTPUpstreamLogin
 from mailgw.wire import sasl, smtp
 from mailgw.wire.errors import LineTooLong, ProtocolError
@@ -27,6 +41,59 @@ class _Auth(enum.Enum):
     LOGIN_PASSWORD = 3  # waiting for the LOGIN password
 
 
+#: bytes of the server's side kept to see its last reply line (RFC 5321: 512 at most)
+_TAIL = 512
+
+
+def _unattached(data: bytes) -> None:
+    raise RuntimeError("relay stage used before attach()")
+
+
+@implementer(IRelayStage)
+class GoodbyeWatch:
+    """A relay stage that notes whether the mail server's last reply was its goodbye
+    (C{221} or C{421}), keeping only the tail of what the server sent.
+
+    The client's direction, where the messages go, is not touched: L{from_client} is
+    the next stage's (or the server transport's) own method.  An inner stage (content
+    inspection) sits behind it and sees the server's bytes after it."""
+
+    name = "smtp-goodbye-watch"
+
+    def __init__(self, inner: IRelayStage | None = None) -> None:
+        self._inner = inner
+        #: what the client sends goes straight on (set by L{attach})
+        self.from_client: Sink = _unattached
+        self._next: Sink = _unattached
+        self._tail = b""
+
+    def attach(self, to_server: Sink, to_client: Sink) -> None:
+        if self._inner is None:
+            self.from_client = to_server
+            self._next = to_client
+        else:
+            self._inner.attach(to_server, to_client)
+            self.from_client = self._inner.from_client
+            self._next = self._inner.from_server
+
+    def from_server(self, data: bytes) -> None:
+        self._tail = data[-_TAIL:] if len(data) >= _TAIL else (self._tail + data)[-_TAIL:]
+        self._next(data)
+
+    @property
+    def mid_line(self) -> bool:
+        """The server's last line was cut off (no line end yet)."""
+        return bool(self._tail) and not self._tail.endswith(b"\n")
+
+    @property
+    def said_goodbye(self) -> bool:
+        """The last complete thing the server sent is a C{221} or C{421} reply."""
+        if not self._tail.endswith(b"\n"):
+            return False
+        last = self._tail[:-1].rstrip(b"\r").rsplit(b"\n", 1)[-1]
+        return last[:3] in (b"221", b"421") and last[3:4] in (b" ", b"")
+
+
 class SMTPSession(ProxySession):
     """One SMTP client connection."""
 
@@ -36,8 +103,12 @@ class SMTPSession(ProxySession):
     upstream_class = SMTPUpstreamLogin
 
     _greeted = False
+    #: the client's EHLO/HELO name, for XCLIENT [4.7]
+    client_helo = ""
     _auth = _Auth.NONE
     _login_user = ""
+    #: the relay's watch on the server's last reply (set when the relay starts)
+    _goodbye: GoodbyeWatch | None = None
 
     @property
     def _name(self) -> str:
@@ -47,7 +118,11 @@ class SMTPSession(ProxySession):
         self.write(smtp.reply(220, f"{self._name} ESMTP gateway ready"))
 
     def keywords(self) -> list[str]:
-        keywords = ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        """The EHLO extensions: the default server's (SIZE, PIPELINING, …) or the
+        fallback while they are not known, then STARTTLS and AUTH where offered."""
+        learned = self.env.smtp_extensions
+        extensions = learned() if learned is not None else smtp.fallback_extensions(self.proxy.fallback_message_size)
+        keywords = list(extensions)
         if self.starttls_available:
             keywords.append("STARTTLS")
         if self.login_allowed:
@@ -55,9 +130,18 @@ class SMTPSession(ProxySession):
         return keywords
 
     def make_upstream(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> UpstreamProtocol:
-        return SMTPUpstreamLogin(
-            target, tls, helo_name=self._name, authenticate="mailhost" in self.proxy.authentication
-        )
+        authenticate = "mailhost" in self.proxy.authentication
+        origin = None
+        if self.proxy.default_server.forward_client_address and self.transport is not None and self.info is not None:
+            # XCLIENT [4.7]: the client's HELO name (C{client_helo}, kept from its
+            # EHLO/HELO) and the name it logged in with (the MAILUSER).
+            origin = client_origin(
+                self.transport,
+                self.info.session_id,
+                helo=self.client_helo,
+                login=self.info.mail_user or "",
+            )
+        return SMTPUpstreamLogin(target, tls, helo_name=self._name, authenticate=authenticate, origin=origin)
 
     def line_received(self, line: bytes) -> None:
         if self._auth is not _Auth.NONE:
@@ -77,6 +161,7 @@ class SMTPSession(ProxySession):
         verb = command.verb
         if verb in ("EHLO", "HELO"):
             self._greeted = True
+            self.client_helo = command.argument
             if verb == "EHLO":
                 self.write(smtp.ehlo_reply(self._name, "at your service", self.keywords()))
             else:
@@ -166,6 +251,36 @@ class SMTPSession(ProxySession):
             return
         self._auth = _Auth.LOGIN_PASSWORD
         self.write(b"334 " + sasl.LOGIN_PASSWORD_CHALLENGE + b"\r\n")
+
+    # -- relay ------------------------------------------------------------------------
+
+    def _start_relay(
+        self,
+        upstream: UpstreamProtocol,
+        answer: bytes,
+        policy_idle: int,
+        max_session_time: int,
+        stage: IRelayStage | None = None,
+    ) -> None:
+        self._goodbye = GoodbyeWatch(stage)
+        super()._start_relay(upstream, answer, policy_idle, max_session_time, self._goodbye)
+
+    def answer_upstream_lost(self, reason: Failure) -> bytes:
+        if self._goodbye is not None and self._goodbye.said_goodbye:
+            return b""  # the server's 221 (QUIT) or 421 was relayed: its last words
+        if reason.check(ConnectionDone) and self.info is not None:
+            # A clean close is not logged by the core: say it here.
+            self.log.info(
+                "Session {session_id}: the mail server closed the connection without a goodbye: {reason}",
+                session_id=self.info.session_id,
+                protocol=self.protocol_name,
+                user=self.info.user,
+                upstream=self.info.upstream,
+                reason="connection closed by the server",
+            )
+        # A reply cut off by the close is ended first: the 421 must be a line of its own.
+        cut = b"\r\n" if self._goodbye is not None and self._goodbye.mid_line else b""
+        return cut + smtp.reply(421, f"{self._name} Connection to the mail server lost, closing connection", "4.4.2")
 
     # -- answers ----------------------------------------------------------------------
 

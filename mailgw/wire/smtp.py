@@ -28,7 +28,7 @@ names such as ``my_pc`` that RFC 5321 does not allow, and refusing them helps no
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mailgw.wire import sasl
@@ -39,15 +39,18 @@ __all__ = [
     "MAX_AUTH_LINE",
     "MAX_COMMAND_LINE",
     "MAX_REPLY_LINE",
+    "RELAYED_EXTENSIONS",
     "Command",
     "Reply",
     "ReplyReader",
     "ehlo_reply",
+    "fallback_extensions",
     "format_auth_plain",
     "format_command",
     "parse_auth",
     "parse_command",
     "parse_ehlo_keywords",
+    "relayed_extensions",
     "reply",
 ]
 
@@ -74,6 +77,13 @@ _REPLY_LINE = re.compile(rb"([2-5][0-5][0-9])(?:([ -])(.*))?\Z", re.DOTALL)
 _ENHANCED = re.compile(r"([245])\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})")
 # RFC 5321 ehlo-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-").
 _EHLO_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+# RFC 1870 size-param: 1*20DIGIT.
+_SIZE_PARAM = re.compile(r"[0-9]{1,20}")
+
+#: The mail server's extensions that the gateway's own EHLO answer before AUTH carries
+#: when the server has them (SPEC [4.5]): clients do not send EHLO again after AUTH, and
+#: the relay after AUTH passes bytes, so each of them keeps working end to end.
+RELAYED_EXTENSIONS = ("SIZE", "PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING")
 
 
 @dataclass(frozen=True)
@@ -337,3 +347,32 @@ def parse_ehlo_keywords(answer: Reply) -> dict[str, tuple[str, ...]]:
             continue
         keywords[words[0].upper()] = tuple(words[1:])
     return keywords
+
+
+def relayed_extensions(keywords: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The EHLO lines of :data:`RELAYED_EXTENSIONS` that a mail server offers, from its
+    :func:`parse_ehlo_keywords`, in that order: ``("SIZE 10240000", "PIPELINING", …)``.
+
+    ``SIZE`` keeps the server's limit when it is a number (RFC 1870; ``SIZE 0`` is
+    "no fixed limit") and is a bare ``SIZE`` otherwise; the other keywords carry no
+    parameters.  Nothing the server sent but these keywords and its digits is passed on.
+    """
+    lines = []
+    for name in RELAYED_EXTENSIONS:
+        if name not in keywords:
+            continue
+        if name == "SIZE":
+            params = keywords[name]
+            lines.append(f"SIZE {int(params[0])}" if params and _SIZE_PARAM.fullmatch(params[0]) else "SIZE")
+        else:
+            lines.append(name)
+    return tuple(lines)
+
+
+def fallback_extensions(size: int) -> tuple[str, ...]:
+    """The EHLO lines advertised while the mail server's own are not known: ``SIZE``
+    with the configured limit (bare for 0, no limit announced), ``8BITMIME`` and
+    ``ENHANCEDSTATUSCODES`` (which nearly every server has); not ``PIPELINING``,
+    ``SMTPUTF8`` or ``CHUNKING``, which a client must not use with a server that
+    lacks them."""
+    return (f"SIZE {size}" if size > 0 else "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES")

@@ -11,6 +11,12 @@
   StartTLS, a service account and memberOf.
 - :mod:`tests.servers.freeradius`: :class:`~tests.servers.freeradius.FreeRadius` with
   PAP users, Class replies and a detail accounting log; ``silent_udp_port`` for timeouts.
+- :mod:`tests.servers.haproxy`: :class:`~tests.servers.haproxy.HAProxy`, a real HAProxy
+  in front of the gateway with ``send-proxy-v2``.
+- :mod:`tests.servers.postgresql`: :class:`~tests.servers.postgresql.PostgreSQL`, a
+  PostgreSQL 15 from ``initdb`` in a temporary folder, run as ``postgres``.
+- :mod:`tests.servers.clamd`: :class:`~tests.servers.clamd.Clamd`, clamd with a
+  signature database the fixture writes (EICAR), on a UNIX socket and TCP.
 - :mod:`tests.servers.demo`: ``make run``'s demo (Dovecot + the gateway on the sample).
 - :mod:`tests.servers.tomlwriter`: writes the TOML configurations the tests generate.
 """
