@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from zope.interface import Attribute, Interface, implementer
 
 from mailgw.proxy.registry import SessionInfo
@@ -90,6 +90,28 @@ def cancel_timer(timer: IDelayedCall | None) -> None:
         timer.cancel()
 
 
+@implementer(IPushProducer)
+class _Pauses:
+    """One side as the other's producer, for flow control only.  Twisted stops a lost
+    transport's producer, and stopping a transport closes it raw (no goodbye, no TLS
+    close alert, a reset if the peer is still sending): the relay closes each side
+    itself [4.1]."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: ITransport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Relay:
     """Joins the client transport and the upstream transport of one session.
 
@@ -143,8 +165,8 @@ class Relay:
 
     def start(self) -> None:
         """Register each side as the other's producer (flow control both ways)."""
-        self._server.registerProducer(self._client, True)  # type: ignore[attr-defined]
-        self._client.registerProducer(self._server, True)  # type: ignore[attr-defined]
+        self._server.registerProducer(_Pauses(self._client), True)  # type: ignore[attr-defined]
+        self._client.registerProducer(_Pauses(self._server), True)  # type: ignore[attr-defined]
 
     def from_client(self, data: bytes) -> None:
         info = self._info
