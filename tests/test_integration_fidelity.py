@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import poplib
 import smtplib
 import socket
 import ssl
@@ -76,6 +77,54 @@ class FidelityBase(TestCase):
 
 
 # -- IMAP AUTHENTICATE LOGIN -----------------------------------------------------------
+
+
+class POP3AuthLoginTests(FidelityBase):
+    """POP3 AUTH LOGIN through the gateway with real clients [4.5]."""
+
+    def setUp(self) -> None:
+        self.dovecot = Dovecot.started(self, users=MAIL_USERS)
+        self.messages = self.dovecot.seed_standard("alice")
+        self.pki = TestPKI(Path(self.mktemp()).absolute())
+        pop3s = {"default_server": dovecot_target(self.dovecot.pop3_port, self.dovecot)}
+        self.gateway = start_gateway(self, self.pki, VPN_USERS, pop3s, group_policy=POLICIES)
+        self.port = self.gateway.port("pop3s")
+
+    async def test_curlAuthLogin(self) -> None:
+        """curl --login-options AUTH=LOGIN over POP3S lists the mailbox and fetches
+        a message byte-identical, authenticating with AUTH LOGIN."""
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            [
+                "--verbose", "--silent", "--show-error", "--max-time", "30", "--cacert", str(self.pki.ca_path),
+                "--login-options", "AUTH=LOGIN", "-u", "alice:alice-mail", f"pop3s://127.0.0.1:{self.port}/1",
+            ],
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"AUTH LOGIN", err)
+        self.assertEqual(out, self.messages[0])
+
+    async def test_poplibAuthLoginBothForms(self) -> None:
+        """Python's poplib drives AUTH LOGIN with the two challenges and with the
+        user name as initial response; both log in and STAT works."""
+
+        def login(initial: bool) -> tuple[int, int]:
+            client = poplib.POP3_SSL("127.0.0.1", self.port, context=self.context(), timeout=30)
+            try:
+                if initial:
+                    first = client._shortcmd("AUTH LOGIN " + b64("alice").decode())
+                else:
+                    assert client._shortcmd("AUTH LOGIN").startswith(b"+ ")
+                    first = client._shortcmd(b64("alice").decode())
+                assert first.startswith(b"+ "), first
+                answer = client._shortcmd(b64("alice-mail").decode())
+                assert answer.startswith(b"+OK"), answer
+                return client.stat()
+            finally:
+                client.quit()
+
+        self.assertEqual((await in_thread(login, False))[0], len(self.messages))
+        self.assertEqual((await in_thread(login, True))[0], len(self.messages))
 
 
 class IMAPAuthenticateLoginTests(FidelityBase):
