@@ -53,7 +53,8 @@ from mailgw.manhole import manhole_service
 from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics, metrics_service
 from mailgw.poller.service import PollerService
-from mailgw.proxy.core import ProxyEnvironment, ProxyFactory, ProxySession
+from mailgw.proxy.core import ProxySession
+from mailgw.proxy.environment import ProxyEnvironment, ProxyFactory
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper, LoginFailed
 from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session

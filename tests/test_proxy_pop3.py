@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailgw.auth.portal import GatewayRealm
 from mailgw.config import Config, parse_config
-from mailgw.proxy.core import MAX_ERRORS, ProxyEnvironment, ProxySession
+from mailgw.proxy.core import MAX_ERRORS, ProxySession
+from mailgw.proxy.environment import ProxyEnvironment
 from mailgw.proxy.gatekeeper import Gatekeeper
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.registry import SessionRegistry, SessionState

@@ -6,11 +6,9 @@ pure parser from L{mailgw.wire}) and answers.
 
 from __future__ import annotations
 
-import typing
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import ClassVar
 
 from OpenSSL import SSL
 from twisted.internet import defer, task
@@ -19,24 +17,20 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
-    IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.auth.limits import PenaltyTable
-from mailgw.auth.radius import AccountingSession, RadiusAccounting, TerminateCause
-from mailgw.config import InterfaceConfig, ProxyConfig, SSOConfig
-from mailgw.memory import LiveConnections
-from mailgw.metrics import Metrics
-from mailgw.proxy.gatekeeper import Gatekeeper, LoginFailed
-from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
+from mailgw.auth.radius import AccountingSession, TerminateCause
+from mailgw.proxy.environment import InputBuffer, ProxyEnvironment
+from mailgw.proxy.gatekeeper import LoginFailed
+from mailgw.proxy.registry import SessionInfo, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay, cancel_timer, close_transport
-from mailgw.sso.identity import IdentitySource, IdentityTable, sso_applies
+from mailgw.sso.identity import IdentitySource, sso_applies
 from mailgw.tls import peer_certificate, set_nodelay, ssl_error_text
-from mailgw.upstream import Connector, UpstreamError, UpstreamProtocol, UpstreamTarget, client_origin
+from mailgw.upstream import UpstreamError, UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
 from mailgw.wire.login import LoginRequest, parse_login
@@ -47,89 +41,6 @@ MAX_ERRORS = 10
 #: longest TLS handshake accepted (implicit TLS and after STARTTLS); never longer
 #: than the proxy's C{login_timeout} [4.1]
 HANDSHAKE_TIMEOUT = 10.0
-
-
-class InputBuffer(typing.Protocol):
-    """What the core needs of a protocol's pre-login input buffer."""
-
-    def append(self, data: bytes) -> None: ...
-
-    def clear(self) -> None: ...
-
-    def pending(self) -> bytes: ...
-
-    def take_rest(self) -> bytes: ...
-
-
-@dataclass
-class ProxyEnvironment:
-    """Everything a proxy's sessions share (one per proxy, built by the service)."""
-
-    proxy: ProxyConfig
-    clock: IReactorTime
-    registry: SessionRegistry
-    gatekeeper: Gatekeeper
-    connector: Connector
-    #: server TLS context factory (for the implicit port and STARTTLS)
-    server_tls: Any
-    node_name: str = "mailgw"
-    #: seconds before a failed login is answered [4.3]
-    failure_delay: float = 1.0
-    #: RADIUS accounting of the proxy's sessions [5.4], if configured
-    accounting: RadiusAccounting | None = None
-    #: Prometheus series [8.3]
-    metrics: Metrics | None = None
-    #: the failure penalty per client address [4.10], shared by the proxies
-    penalty: PenaltyTable | None = None
-    #: every session whose connections are not all gone yet (shared by the proxies;
-    #: a graceful stop waits for it to empty)
-    connections: LiveConnections[ProxySession] | set[ProxySession] = field(default_factory=set)
-    #: SMTP: the default server's extensions for the EHLO answer before AUTH, as EHLO
-    #: lines (L{mailgw.upstream.smtpprobe.SMTPCapabilities.keywords}); None: the fallback
-    smtp_extensions: Callable[[], tuple[str, ...]] | None = None
-    #: the SSO identity table [7] (None: SSO off)
-    identities: IdentityTable | None = None
-    #: C{sso.pop3} where this proxy learns identities inline (the POP3 proxy with
-    #: C{mode = "inline"}), else None
-    sso_inline: SSOConfig | None = None
-
-
-class ProxyFactory(Factory):
-    """Builds the sessions of one proxy on one listening port.
-
-    C{environment} is the proxy's environment, or a callable returning the current
-    one (the service's, replaced on each reload): each session keeps the environment
-    it was built with.
-    """
-
-    noisy = False
-
-    def __init__(
-        self,
-        environment: ProxyEnvironment | Callable[[], ProxyEnvironment],
-        session_class: type[ProxySession],
-        *,
-        interface: InterfaceConfig,
-        implicit_tls: bool,
-    ) -> None:
-        if isinstance(environment, ProxyEnvironment):
-            fixed = environment
-            self.current: Callable[[], ProxyEnvironment] = lambda: fixed
-        else:
-            self.current = environment
-        self.session_class = session_class
-        self.interface = interface
-        self.implicit_tls = implicit_tls
-
-    @property
-    def environment(self) -> ProxyEnvironment:
-        """The environment new sessions get."""
-        return self.current()
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        session = self.session_class(self.current(), implicit_tls=self.implicit_tls)
-        session.factory = self
-        return session
 
 
 @implementer(IHandshakeListener)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 
-from mailgw.proxy.core import InputBuffer, ProxySession
+from mailgw.proxy.core import ProxySession
+from mailgw.proxy.environment import InputBuffer
 from mailgw.upstream.imap4 import IMAP4UpstreamLogin
 from mailgw.wire import imap4, sasl
 from mailgw.wire.errors import ProtocolError
