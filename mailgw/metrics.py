@@ -37,6 +37,8 @@ from zope.interface import implementer
 from mailgw.auth.cache import AuthCache
 from mailgw.auth.portal import AAAUnavailable
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
+from mailgw.sso.identity import IdentitySource, IdentityTable
+from mailgw.sso.monitor import Pop3Monitor
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -141,6 +143,45 @@ class _CacheCollector(Collector):
         )
 
 
+class _SSOCollector(Collector):
+    """POP3 SSO at scrape time [7]: identity table entries by source, expirations,
+    and the monitor's stream counters (read from their own counters)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        entries, expirations, monitor = self._families()
+        table = self._metrics.identities
+        if table is not None:
+            counts = {source.value: 0 for source in IdentitySource}
+            for identity in table:
+                counts[identity.source.value] += 1
+            for source, count in sorted(counts.items()):
+                entries.add_metric([source], count)
+            expirations.add_metric([], table.expirations)
+        sso_monitor = self._metrics.sso_monitor
+        if sso_monitor is not None:
+            for name, count in sorted(sso_monitor.statistics().items()):
+                monitor.add_metric([name], count)
+        return [entries, expirations, monitor]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        return (
+            GaugeMetricFamily("mailgw_sso_identities", "Identity table entries by source [7].", labels=["source"]),
+            CounterMetricFamily("mailgw_sso_expirations", "Identity table entries ended by their ttl."),
+            CounterMetricFamily(
+                "mailgw_sso_monitor",
+                "Monitor-mode counters (streams seen, TLS, dropped, logins ...) [7].",
+                labels=["counter"],
+            ),
+        )
+
+
 class Metrics:
     """The gateway's series, in a registry of their own.
 
@@ -154,12 +195,16 @@ class Metrics:
         self.sessions = sessions
         #: the authentication cache read at scrape time (set by the service)
         self.auth_cache: AuthCache | None = None
+        #: the SSO identity table and monitor, read at scrape time (set by the service)
+        self.identities: IdentityTable | None = None
+        self.sso_monitor: Pop3Monitor | None = None
         self._closed_bytes: dict[tuple[str, str], int] = {
             (protocol, direction): 0 for protocol in PROTOCOLS for direction in DIRECTIONS
         }
         registry = self.registry
         self.registry.register(_SessionCollector(self))
         self.registry.register(_CacheCollector(self))
+        self.registry.register(_SSOCollector(self))
         self._logins_ok = Counter(
             "mailgw_logins_ok", "Successful logins (relay started), by protocol.", ["protocol"], registry=registry
         )

@@ -445,6 +445,7 @@ class GatewayService(MultiService):
             return
         if self.identities is None:
             self.identities = IdentityTable(self.reactor, sso.ttl)
+            self.metrics.identities = self.identities
             # The table survives a restart [7]: restored at start (now, when a
             # reload turned SSO on), every change written to the state store.
             self.identity_persistence = IdentityPersistence(self.state)
@@ -490,6 +491,7 @@ class GatewayService(MultiService):
                 identities.learn(client_ip, user, IdentitySource.MONITOR)
 
         self.monitor = Pop3Monitor(servers, learned, self.reactor)
+        self.metrics.sso_monitor = self.monitor
         self._capture = CaptureService(
             self.reactor, sso.monitor_interface, sorted({port for _, port in servers}), self.monitor.frame_received
         )

@@ -3,10 +3,13 @@ a Clock; every change told to the listeners (the accounting export)."""
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailgw.metrics import Metrics
 from mailgw.sso.identity import Change, Identity, IdentitySource, IdentityTable
+from mailgw.sso.monitor import Pop3Monitor
 
 
 class IdentityTableTests(SynchronousTestCase):
@@ -79,3 +82,25 @@ class IdentityTableTests(SynchronousTestCase):
         self.assertEqual(self.table.lookup("10.0.0.5"), live)
         self.assertIsNone(self.table.lookup("10.0.0.6"))
         self.assertEqual(self.changes, [])
+
+
+class IdentityMetricsTests(SynchronousTestCase):
+    def test_scrape(self) -> None:
+        """The metrics show the entries by source, the expirations and the monitor's
+        counters, read at scrape time."""
+        clock = Clock()
+        metrics = Metrics(process=False)
+        table = IdentityTable(clock, ttl=60)
+        metrics.identities = table
+        metrics.sso_monitor = Pop3Monitor([("127.0.0.1", 110)], lambda *args: None, clock)
+        table.learn("10.0.0.5", "alice", IdentitySource.INLINE)
+        table.learn("10.0.0.6", "bob", IdentitySource.PORTAL)
+        clock.advance(30)
+        table.learn("10.0.0.7", "carol", IdentitySource.PORTAL)
+        clock.advance(31)
+        table.expire()
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('mailgw_sso_identities{source="portal"} 1.0', text)
+        self.assertIn('mailgw_sso_identities{source="inline"} 0.0', text)
+        self.assertIn("mailgw_sso_expirations_total 2.0", text)
+        self.assertIn('mailgw_sso_monitor_total{counter="streams_seen"} 0.0', text)

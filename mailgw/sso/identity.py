@@ -116,6 +116,8 @@ class IdentityTable:
         # ordered by last renewal (oldest first), so expiry and the bound are cheap
         self._entries: OrderedDict[str, Identity] = OrderedDict()
         self._listeners: list[Listener] = []
+        #: entries ended by their ttl (or dropped by the bound), for the metrics
+        self.expirations = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -133,6 +135,8 @@ class IdentityTable:
             self._listeners.remove(listener)
 
     def _tell(self, change: Change, identity: Identity) -> None:
+        if change is Change.EXPIRE:
+            self.expirations += 1
         for listener in self._listeners:
             listener(change, identity)
 
