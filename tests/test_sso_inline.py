@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests.edge import in_thread, read_until, tls_connect
@@ -140,7 +141,8 @@ class PortalWiringTests(TestCase):
             self,
             pki,
             VPN_USERS,
-            {"default_server": {"host": "127.0.0.1", "port": dovecot.pop3_port, "tls": "none"}},
+            {"default_server": {"host": "127.0.0.1", "port": dovecot.pop3_port, "tls": "none"},
+             "authentication": ["aaa", "piggyback"]},
             imap4s={"default_server": {"host": "127.0.0.1", "port": dovecot.imap_port, "tls": "none"},
                     "authentication": ["piggyback"]},
             sso={"pop3": {"enabled": True, "portal": "ssl:0:interface=127.0.0.1", "policy": ["127.0.0.0/8"]}},
@@ -151,6 +153,9 @@ class PortalWiringTests(TestCase):
         context = ssl.create_default_context(cafile=str(pki.ca_path))
 
         def portal_login(user: str, password: str) -> int:
+            return portal_post("/login", {"user": user, "password": password})
+
+        def portal_post(path: str, fields: dict[str, str]) -> int:
             connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
             connection.request("GET", "/")
             page = connection.getresponse()
@@ -158,9 +163,9 @@ class PortalWiringTests(TestCase):
             cookie = page.getheader("Set-Cookie", "").split(";", 1)[0]
             match = re.search(r'name="csrf" value="([^"]+)"', body)
             assert match is not None, body
-            form = urllib.parse.urlencode({"csrf": match.group(1), "user": user, "password": password})
+            form = urllib.parse.urlencode({"csrf": match.group(1), **fields})
             connection.request(
-                "POST", "/login", body=form,
+                "POST", path, body=form,
                 headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"},
             )
             answer = connection.getresponse()
@@ -185,3 +190,20 @@ class PortalWiringTests(TestCase):
                 return answer
 
         self.assertIn(b"a OK", await in_thread(imap_login))
+
+        async def curl_pop3s() -> tuple[bytes, int]:
+            out, err, code = await getProcessOutputAndValue(
+                "curl",
+                ["--silent", "--show-error", "--max-time", "20", "--cacert", str(pki.ca_path),
+                 "-u", "bob:bob-mail", f"pop3s://localhost:{gateway.port('pop3s')}/"],
+            )
+            return out + err, code
+
+        # bob's VPN password is not his mail password: only the portal session lets
+        # "bob:bob-mail" in (piggyback); after logout it is refused.
+        output, code = await curl_pop3s()
+        self.assertEqual(code, 0, output)
+        self.assertEqual(await in_thread(portal_post, "/logout", {}), 303)
+        self.assertIsNone(service.identities.lookup("127.0.0.1"))
+        output, code = await curl_pop3s()
+        self.assertNotEqual(code, 0, output)
