@@ -3,11 +3,14 @@ a Clock; every change told to the listeners (the accounting export)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailgw.metrics import Metrics
+from mailgw.sso.export import AccountingExport
 from mailgw.sso.identity import Change, Identity, IdentitySource, IdentityTable
 from mailgw.sso.monitor import Pop3Monitor
 
@@ -104,3 +107,45 @@ class IdentityMetricsTests(SynchronousTestCase):
         self.assertIn('mailgw_sso_identities{source="inline"} 0.0', text)
         self.assertIn("mailgw_sso_expirations_total 2.0", text)
         self.assertIn('mailgw_sso_monitor_total{counter="streams_seen"} 0.0', text)
+
+
+class _RecordingSender:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, str | None]] = []
+
+    def start(self, session: Any) -> None:
+        self.records.append(("Start", session.session_id, None))
+
+    def interim(self, session: Any) -> None:
+        self.records.append(("Interim-Update", session.session_id, None))
+
+    def stop(self, session: Any, cause: Any) -> None:
+        self.records.append(("Stop", session.session_id, str(cause)))
+
+
+class ExportMappingTests(SynchronousTestCase):
+    def test_expiryStopsWithSessionTimeout(self) -> None:
+        """An entry that expires (Clock-driven) sends a Stop with Session-Timeout; a
+        removal sends one with User-Request; a renewal an Interim-Update."""
+        clock = Clock()
+        table = IdentityTable(clock, ttl=60)
+        export = AccountingExport.__new__(AccountingExport)
+        sender = _RecordingSender()
+        export._senders = [sender]  # type: ignore[list-item]
+        table.subscribe(export)
+        first = table.learn("10.0.0.5", "alice", IdentitySource.INLINE)
+        table.learn("10.0.0.5", "alice", IdentitySource.INLINE)
+        second = table.learn("10.0.0.6", "bob", IdentitySource.INLINE)
+        table.remove("10.0.0.6")
+        clock.advance(61)
+        table.expire()
+        self.assertEqual(
+            sender.records,
+            [
+                ("Start", first.session_id, None),
+                ("Interim-Update", first.session_id, None),
+                ("Start", second.session_id, None),
+                ("Stop", second.session_id, "User-Request"),
+                ("Stop", first.session_id, "Session-Timeout"),
+            ],
+        )
