@@ -531,6 +531,8 @@ class SSOConfig:
     ttl: int
     radius_accounting: tuple[RadiusCollector, ...]
     portal: str
+    #: a capture file (pcap/pcapng) replayed through the monitor path at start
+    replay_file: Path | None = None
 
     def applies_to(self, ip: str, mac: str | None = None) -> bool:
         """Whether a client at ``ip`` (and ``mac``, if known) is inside ``policy``."""
@@ -707,7 +709,7 @@ def parse_config(data: Mapping[str, object], base_dir: Path, *, check_files: boo
     policies = _parse_group_policies(root)
     inspections = _parse_inspections(root, base)
     poller = _parse_poller(root.table("poller"))
-    sso = _parse_sso(root.table("sso"))
+    sso = _parse_sso(root.table("sso"), base)
     admin = _parse_admin(root.table("admin"), base)
     state = _parse_state(root.table("state"), base, check_files=check_files)
     root.finish()
@@ -1765,7 +1767,7 @@ def _parse_poller(t: _Table) -> PollerConfig:
     return PollerConfig(enabled, default_interval, smtp_host, smtp_port)
 
 
-def _parse_sso(sso: _Table) -> SSOConfig:
+def _parse_sso(sso: _Table, base: Path) -> SSOConfig:
     t = sso.table("pop3")
     sso.finish()
     enabled = t.boolean("enabled", False)
@@ -1802,6 +1804,8 @@ def _parse_sso(sso: _Table) -> SSOConfig:
     portal = t.string("portal", "")
     if portal:
         _check_endpoint(t.ctx, t.key("portal"), portal, ("ssl",), "ssl:8443:interface=127.0.0.1")
+    # A capture file replayed through the monitor path once at start [7].
+    replay_file = t.path_value("replay_file", "", base)
     t.finish()
     return SSOConfig(
         enabled=enabled,
@@ -1812,6 +1816,7 @@ def _parse_sso(sso: _Table) -> SSOConfig:
         ttl=ttl,
         radius_accounting=tuple(collectors),
         portal=portal,
+        replay_file=replay_file,
     )
 
 

@@ -213,6 +213,8 @@ class GatewayService(MultiService):
         self.identity_persistence: IdentityPersistence | None = None
         #: fires with the number of entries restored at start
         self.identities_restored: defer.Deferred[int] | None = None
+        #: fires once sso.pop3.replay_file was replayed at start
+        self.replayed: defer.Deferred[None] | None = None
         self._identity_export: AccountingExport | None = None
         self._retired_exports: list[AccountingExport] = []
         self._capture: CaptureService | None = None
@@ -604,8 +606,35 @@ class GatewayService(MultiService):
             # After StateService.startService: the store serves calls in order, so
             # this read comes after its opening (and migration).
             self.identities_restored = self.identity_persistence.load(self.identities)
+        replay_file = self.config.sso_pop3.replay_file
+        if self.config.sso_pop3.enabled and replay_file is not None:
+            # After the restore (the store answers in order): the replayed logins win.
+            restored = self.identities_restored or defer.succeed(0)
+            after: defer.Deferred[None] = defer.Deferred()
+
+            def then(result: object) -> object:
+                after.callback(None)
+                return result
+
+            restored.addBoth(then)
+            after.addCallback(lambda _: defer.Deferred.fromCoroutine(self._replay_at_start(replay_file)))
+            self.replayed = after
         for listener in self.listeners():
             self.log.info("Listening: {listener}", listener=listener.description)
+
+    async def _replay_at_start(self, path: Path) -> None:
+        """C{sso.pop3.replay_file}: learn the logins of a capture file once [7]."""
+        try:
+            result = await self.admin_backend.sso_replay(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure of the replay is logged, the gateway runs on
+            self.log.error("sso.pop3.replay_file {path}: cannot replay: {reason}", path=str(path), reason=str(e))
+            return
+        self.log.info(
+            "sso.pop3.replay_file {path}: {frames} frames, {learnt} identities learnt",
+            path=str(path),
+            frames=result.get("frames"),
+            learnt=result.get("learnt"),
+        )
 
     def _sighup(self, signum: int, frame: object) -> None:
         self.reactor.callFromThread(self.reload)

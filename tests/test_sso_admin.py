@@ -140,3 +140,31 @@ class SSOBackendTests(TestCase):
             await self.backend.sso_replay(str(text))
         self.assertIn(f"{text} is not a capture file this gateway can read: ", str(caught.exception))
         self.assertEqual(len(self.table), 0)
+
+
+class ReplayFileTests(TestCase):
+    """sso.pop3.replay_file: a capture learnt once at start [7]."""
+
+    timeout = 60
+
+    async def test_replayedAtStart(self) -> None:
+        """The logins of the configured capture file are learnt when the gateway
+        starts: only the successful one from inside the policy."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir(parents=True)
+        capture = directory / "mirror.pcap"
+        write_capture(capture)
+        pki = TestPKI(directory / "pki")
+        gateway = start_gateway(
+            self,
+            pki,
+            {"alice": ("alice-pw", None)},
+            {"default_server": {"host": "127.0.0.1", "port": 9, "tls": "none"}},
+            sso={"pop3": {"enabled": True, "servers": [SERVER], "policy": ["10.0.0.0/8"],
+                          "replay_file": str(capture)}},
+        )  # fmt: skip
+        service = gateway.service
+        assert service is not None and service.identities is not None and service.replayed is not None
+        await service.replayed
+        learnt = [(i.ip, i.user, i.source.value) for i in service.identities]
+        self.assertEqual(learnt, [("10.1.2.3", "alice", "monitor")])
