@@ -43,6 +43,7 @@ from mailgw.config import (
     InterfaceConfig,
     LdapGroup,
     LocalGroup,
+    MACAddress,
     Pop3Group,
     ProxyConfig,
     RadiusGroup,
@@ -66,6 +67,7 @@ from mailgw.sso.capture import CaptureService
 from mailgw.sso.export import AccountingExport
 from mailgw.sso.identity import IdentitySource, IdentityTable
 from mailgw.sso.monitor import Pop3Monitor
+from mailgw.sso.neighbours import NeighbourTable
 from mailgw.sso.persist import IdentityPersistence
 from mailgw.sso.portal import PortalResource, portal_service, portal_site
 from mailgw.state import StateService, open_state
@@ -218,6 +220,7 @@ class GatewayService(MultiService):
         self._identity_export: AccountingExport | None = None
         self._retired_exports: list[AccountingExport] = []
         self._capture: CaptureService | None = None
+        self._neighbours: NeighbourTable | None = None
         self._portal: Any = None
         self.monitor: Pop3Monitor | None = None
         self._identity_sweep = TimerService(30, self._expire_identities)
@@ -397,6 +400,7 @@ class GatewayService(MultiService):
                 penalty=self.penalty,
                 connections=self.connections,
                 identities=self.identities,
+                neighbours=self._neighbours,
                 sso_inline=config.sso_pop3
                 if proxy.protocol == "pop3s" and config.sso_pop3.enabled and config.sso_pop3.mode == "inline"
                 else None,
@@ -455,6 +459,11 @@ class GatewayService(MultiService):
             if self.running:
                 self.identities_restored = self.identity_persistence.load(self.identities)
         self.identities.ttl = sso.ttl
+        if self._neighbours is None and any(isinstance(entry, MACAddress) for entry in sso.policy):
+            # MAC addresses in the policy: the neighbour table of the monitor
+            # interface (all interfaces inline) tells a client's MAC [7].
+            self._neighbours = NeighbourTable(self.reactor, sso.monitor_interface if sso.mode == "monitor" else "")
+            self._neighbours.setServiceParent(self)
         if sso.mode == "monitor" and self._capture is None:
             self._start_monitor(config)
         if sso.portal and self._portal is None:
@@ -488,9 +497,12 @@ class GatewayService(MultiService):
         identities = self.identities
         assert identities is not None
 
+        neighbours = self._neighbours
+
         def learned(client_ip: str, user: str, server: tuple[str, int]) -> None:
-            if sso.applies_to(client_ip):
-                identities.learn(client_ip, user, IdentitySource.MONITOR)
+            mac = neighbours.mac_of(client_ip) if neighbours is not None else None
+            if sso.applies_to(client_ip, mac):
+                identities.learn(client_ip, user, IdentitySource.MONITOR, mac=mac)
 
         self.monitor = Pop3Monitor(servers, learned, self.reactor)
         self.metrics.sso_monitor = self.monitor

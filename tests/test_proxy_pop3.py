@@ -33,6 +33,7 @@ def make_config(
     policies: list[dict[str, Any]] | None = None,
     imap4s: dict[str, Any] | None = None,
     smtps: dict[str, Any] | None = None,
+    sso_policy: list[str] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
         "gateway": {"state_dir": "state"},
@@ -60,6 +61,8 @@ def make_config(
             {"name": "Blocked", "simultaneous_logins": 0},
         ],
     }
+    if sso_policy is not None:
+        data["sso"] = {"pop3": {"enabled": True, "servers": ["127.0.0.1:110"], "policy": sso_policy}}
     return parse_config(data, Path("/nonexistent"), check_files=False)
 
 

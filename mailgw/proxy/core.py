@@ -478,11 +478,13 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         if penalty is not None:
             penalty.succeeded(self.client_ip)
         sso = env.sso_inline
-        if sso is not None and env.identities is not None and sso_applies(sso, self.client_ip, target):
-            # Inline SSO: a successful mailhost login tells who is at this address [7].
-            env.identities.learn(
-                self.client_ip, identity.user, IdentitySource.INLINE, group_policy=identity.policy.name
-            )
+        if sso is not None and env.identities is not None:
+            mac = env.neighbours.mac_of(self.client_ip) if env.neighbours is not None else None
+            if sso_applies(sso, self.client_ip, target, mac):
+                # Inline SSO: a successful mailhost login tells who is at this address [7].
+                env.identities.learn(
+                    self.client_ip, identity.user, IdentitySource.INLINE, group_policy=identity.policy.name, mac=mac
+                )
         self.log.info(
             "Session {session_id}: {user} logged in as {mail_user} at {upstream} "
             "(group policy {group_policy})",

@@ -22,6 +22,7 @@ from mailgw.metrics import Metrics
 from mailgw.proxy.gatekeeper import Gatekeeper
 from mailgw.proxy.registry import SessionRegistry
 from mailgw.sso.identity import IdentityTable
+from mailgw.sso.neighbours import NeighbourTable
 from mailgw.upstream import Connector
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ class ProxyEnvironment:
     #: C{sso.pop3} where this proxy learns identities inline (the POP3 proxy with
     #: C{mode = "inline"}), else None
     sso_inline: SSOConfig | None = None
+    #: the neighbour table, where C{sso.pop3.policy} names MAC addresses
+    neighbours: NeighbourTable | None = None
 
 
 class ProxyFactory(Factory):

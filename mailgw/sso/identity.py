@@ -31,10 +31,11 @@ class _Server(Protocol):
     def port(self) -> int: ...
 
 
-def sso_applies(sso: SSOConfig, client_ip: str, server: _Server) -> bool:
-    """Whether a POP3 login of a client at C{client_ip} to C{server} counts for SSO:
-    the client is inside C{sso.pop3.policy} and the server in C{sso.pop3.servers}."""
-    if not sso.applies_to(client_ip):
+def sso_applies(sso: SSOConfig, client_ip: str, server: _Server, mac: str | None = None) -> bool:
+    """Whether a POP3 login of a client at C{client_ip} (with C{mac}, where the
+    neighbour table knows it) to C{server} counts for SSO: the client is inside
+    C{sso.pop3.policy} and the server in C{sso.pop3.servers}."""
+    if not sso.applies_to(client_ip, mac):
         return False
     host = _normalise(server.host)
     return any(s.port == server.port and _normalise(s.host) == host for s in sso.servers)
