@@ -5,6 +5,7 @@ piggyback method then lets that user in from that address without a VPN password
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import poplib
@@ -30,16 +31,18 @@ class InlineSSOTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.dovecot = Dovecot.started(self, users=MAIL_USERS)
+        self.dovecot = Dovecot.started(self, users=MAIL_USERS, submission=True)
         self.pki = TestPKI(Path(self.mktemp()).absolute())
         pop3 = {"host": "127.0.0.1", "port": self.dovecot.pop3_port, "tls": "none"}
         imap = {"host": "127.0.0.1", "port": self.dovecot.imap_port, "tls": "none"}
+        submission = {"host": "127.0.0.1", "port": self.dovecot.submission_port, "tls": "none"}
         self.gateway = start_gateway(
             self,
             self.pki,
             VPN_USERS,
             {"default_server": pop3},
             imap4s={"default_server": imap, "authentication": ["piggyback"]},
+            smtps={"default_server": submission, "authentication": ["piggyback", "mailhost"]},
             sso={"pop3": {"enabled": True, "mode": "inline", "servers": [f"127.0.0.1:{self.dovecot.pop3_port}"],
                           "policy": ["127.0.0.0/29"], "ttl": 600}},
         )
@@ -81,6 +84,20 @@ class InlineSSOTests(TestCase):
         self.assertIn(b"a OK", await in_thread(self.imap_login, "alice", "alice-mail", "127.0.0.2"))
         self.assertIn(b"a NO", await in_thread(self.imap_login, "alice", "alice-mail", "127.0.0.4"))
         self.assertIn(b"a NO", await in_thread(self.imap_login, "bob", "bob-mail", "127.0.0.2"))
+        self.assertEqual(await in_thread(self.smtp_login, "alice", "alice-mail", "127.0.0.2"), 235)
+        self.assertEqual(await in_thread(self.smtp_login, "alice", "alice-mail", "127.0.0.4"), 535)
+
+    def smtp_login(self, user: str, password: str, source: str) -> int:
+        """An SMTPS AUTH PLAIN from C{source}; the reply code."""
+        with tls_connect(self.gateway.port("smtps"), self.pki.ca_path, source=source) as sock:
+            read_until(sock, b"\r\n")
+            sock.sendall(b"EHLO client.example\r\n")
+            read_until(sock, b"250 ")
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            sock.sendall(f"AUTH PLAIN {token}\r\n".encode())
+            answer = read_until(sock, b"\r\n")
+            sock.sendall(b"QUIT\r\n")
+            return int(answer[:3])
 
 
 class MonitorSSOTests(TestCase):
