@@ -20,7 +20,13 @@ from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IOpenSSLClientConnectionCreator,
@@ -317,7 +323,8 @@ class SMTPCapabilities(Service):
                     keywords=" ".join(self.keywords()),
                 )
             return
-        except defer.CancelledError:
+        except (defer.CancelledError, ConnectingCancelledError):
+            # Stopped (the service stops, or a reload named another server).
             return
         except Exception:  # noqa: BLE001 - the outermost boundary of a periodic task
             self._probing = None
