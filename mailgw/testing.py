@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mailgw.auth.portal import AuthenticatedUser
+from mailgw.proxy.relay import IStageEnds
 from mailgw.upstream import UpstreamProtocol, UpstreamTarget, UpstreamUnavailable
 
 
@@ -75,3 +76,31 @@ class ScriptedConnector:
         self.upstreams.append(protocol)
         answer = await protocol.begin_login(user, password)
         return protocol, answer
+
+
+@implementer(IStageEnds)
+class RecordingEnds:
+    """The relay's side of a stage (L{mailgw.proxy.relay.IStageEnds}), recording: what
+    the stage writes each way, which sides it holds, and how it ended the session."""
+
+    def __init__(self) -> None:
+        self.client: list[bytes] = []
+        self.server: list[bytes] = []
+        self.client_held = False
+        self.server_held = False
+        self.ended: tuple[str, bytes] | None = None
+
+    def to_client(self, data: bytes) -> None:
+        self.client.append(data)
+
+    def to_server(self, data: bytes) -> None:
+        self.server.append(data)
+
+    def hold_client(self, held: bool) -> None:
+        self.client_held = held
+
+    def hold_server(self, held: bool) -> None:
+        self.server_held = held
+
+    def end(self, reason: str, goodbye: bytes) -> None:
+        self.ended = (reason, goodbye)

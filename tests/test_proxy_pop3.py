@@ -34,6 +34,7 @@ def make_config(
     imap4s: dict[str, Any] | None = None,
     smtps: dict[str, Any] | None = None,
     sso_policy: list[str] | None = None,
+    inspection: list[dict[str, Any]] | None = None,
 ) -> Config:
     data: dict[str, Any] = {
         "gateway": {"state_dir": "state"},
@@ -61,6 +62,8 @@ def make_config(
             {"name": "Blocked", "simultaneous_logins": 0},
         ],
     }
+    if inspection is not None:
+        data["inspection"] = inspection
     if sso_policy is not None:
         data["sso"] = {"pop3": {"enabled": True, "servers": ["127.0.0.1:110"], "policy": sso_policy}}
     return parse_config(data, Path("/nonexistent"), check_files=False)
@@ -693,13 +696,15 @@ class SessionLimitTests(SynchronousTestCase):
 
 
 class RelayStageTests(SynchronousTestCase):
-    def test_stageSeesBothDirections(self) -> None:
-        """An inspecting stage can be put between client and server per session [4.9]."""
-        harness = POP3Harness(make_config())
-        session, transport = harness.connect()
-        session.dataReceived(b"USER alice\r\nPASS alice-pw\r\n")
-        upstream = harness.connector.upstreams[-1]
-        upstream.dataReceived(b"+OK ready\r\n+OK\r\n")
+    def _relaying(self, policy_inspection: str) -> tuple[Any, Any, Any, list[tuple[str, str]], list[bytes]]:
+        config = make_config(
+            policies=[{"name": "DfltGrpPolicy", "simultaneous_logins": 3, "inspection": policy_inspection}]
+            if policy_inspection
+            else None,
+            inspection=[{"name": "strict", "clamd": ""}],
+        )
+        harness = POP3Harness(config)
+        asked: list[tuple[str, str]] = []
         seen: list[bytes] = []
 
         class Upper(PassThrough):
@@ -707,17 +712,36 @@ class RelayStageTests(SynchronousTestCase):
                 seen.append(data)
                 super().from_server(data.upper())
 
-        original = session._start_relay
+        class Factory:
+            def stage_for(self, protocol: str, profile: str, info: Any) -> Upper:
+                asked.append((protocol, profile))
+                return Upper()
 
-        def with_stage(*args: Any, **kwargs: Any) -> None:
-            original(*args, stage=Upper(), **kwargs)  # type: ignore[misc]
-
-        session._start_relay = with_stage  # type: ignore[method-assign]
+        harness.env.inspection = Factory()
+        session, transport = harness.connect()
+        session.dataReceived(b"USER alice\r\nPASS alice-pw\r\n")
+        upstream = harness.connector.upstreams[-1]
+        upstream.dataReceived(b"+OK ready\r\n+OK\r\n")
         upstream.dataReceived(b"+OK Logged in.\r\n")
         answers(transport)
+        return session, transport, upstream, asked, seen
+
+    def test_stageFromPolicy(self) -> None:
+        """The session gets its stage from the environment's factory, for the profile
+        its group policy names, when the relay starts [4.9]; the stage sees the
+        server's bytes and writes what passes."""
+        _session, transport, upstream, asked, seen = self._relaying("strict")
+        self.assertEqual(asked, [("pop3", "strict")])
         upstream.dataReceived(b"+ok 1 10\r\n")
         self.assertEqual(answers(transport), [b"+OK 1 10"])
         self.assertEqual(seen, [b"+ok 1 10\r\n"])
+
+    def test_noProfileNoStage(self) -> None:
+        """A policy naming no profile keeps the direct relay: the factory is not asked."""
+        _session, transport, upstream, asked, _seen = self._relaying("")
+        self.assertEqual(asked, [])
+        upstream.dataReceived(b"+ok 1 10\r\n")
+        self.assertEqual(answers(transport), [b"+ok 1 10"])
 
 
 class RecordingAccounting:

@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from mailgw.proxy.relay import IRelayStage, PassThrough
 from mailgw.proxy.smtp import GoodbyeWatch, SMTPSession
-from mailgw.testing import TLSStringTransport
+from mailgw.testing import RecordingEnds, TLSStringTransport
 from mailgw.upstream import UpstreamTarget
 from mailgw.upstream.smtpprobe import PROBE_TIMEOUT, SMTPCapabilities
 from tests.test_proxy_imap4_smtp import smtp_harness, upstream_wire
@@ -453,11 +453,11 @@ class GoodbyeWatchTests(SynchronousTestCase):
         """The watch is a relay stage; the client's direction goes straight to the
         server's write, and an inner stage sees both directions behind it."""
         watch = GoodbyeWatch()
-        to_server: list[bytes] = []
-        to_client: list[bytes] = []
-        watch.attach(to_server.append, to_client.append)
+        ends = RecordingEnds()
+        to_server, to_client = ends.server, ends.client
+        watch.attach(ends)
         self.assertTrue(verifyObject(IRelayStage, watch))
-        self.assertEqual(watch.from_client, to_server.append)
+        self.assertEqual(watch.from_client, ends.to_server)
         watch.from_server(b"250 ok\r\n")
         self.assertEqual(to_client, [b"250 ok\r\n"])
 
@@ -467,7 +467,7 @@ class GoodbyeWatchTests(SynchronousTestCase):
 
         inner = Upper()
         watch = GoodbyeWatch(inner)
-        watch.attach(to_server.append, to_client.append)
+        watch.attach(ends)
         watch.from_client(b"quit\r\n")
         watch.from_server(b"221 bye\r\n")
         self.assertEqual((to_server[-1], to_client[-1]), (b"quit\r\n", b"221 BYE\r\n"))
@@ -488,11 +488,11 @@ class GoodbyeWatchTests(SynchronousTestCase):
         ]
         for data, expected in cases:
             watch = GoodbyeWatch()
-            watch.attach(lambda d: None, lambda d: None)
+            watch.attach(RecordingEnds())
             watch.from_server(data)
             self.assertEqual(watch.said_goodbye, expected, data)
         watch = GoodbyeWatch()
-        watch.attach(lambda d: None, lambda d: None)
+        watch.attach(RecordingEnds())
         watch.from_server(b"x" * 100000 + b"\r\n221 Bye\r\n")
         self.assertTrue(watch.said_goodbye)
         self.assertLessEqual(len(watch._tail), 512)

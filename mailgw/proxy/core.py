@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth.radius import AccountingSession, TerminateCause
+from mailgw.config import GroupPolicy
 from mailgw.proxy.environment import InputBuffer, ProxyEnvironment
 from mailgw.proxy.gatekeeper import LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionState
@@ -498,7 +499,13 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         )
         if env.metrics is not None:
             env.metrics.login_succeeded(self.protocol_name)
-        self._start_relay(upstream, answer, identity.policy.idle_timeout, identity.policy.max_session_time)
+        self._start_relay(
+            upstream,
+            answer,
+            identity.policy.idle_timeout,
+            identity.policy.max_session_time,
+            self.inspection_stage(identity.policy),
+        )
 
     def _login_failed(self, failure: LoginFailed) -> None:
         assert self.info is not None
@@ -568,7 +575,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         cancel_timer(self._login_timer)
         self._login_timer = None
         self._upstream = upstream
-        relay = Relay(self.info, self.transport, upstream.transport, self.env.clock, stage)
+        relay = Relay(self.info, self.transport, upstream.transport, self.env.clock, stage, self._end_by_stage)
         self.relay = relay
         early = upstream.attach(relay.from_server, self._upstream_closed)
         self.write(self.answer_login_ok(answer))
@@ -602,6 +609,18 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 started=clock.seconds(),
             )
             self.env.accounting.start(self._accounted)
+
+    def inspection_stage(self, policy: GroupPolicy) -> IRelayStage | None:
+        """The content-inspection stage of the session's group policy [4.9], or
+        C{None} (the zero-parsing relay)."""
+        inspection = self.env.inspection
+        if inspection is None or not policy.inspection:
+            return None
+        assert self.info is not None
+        return inspection.stage_for(self.protocol_name, policy.inspection, self.info)
+
+    def _end_by_stage(self, reason: str, goodbye: bytes) -> None:
+        self._end(goodbye, reason)
 
     def _upstream_closed(self, reason: Failure) -> None:
         # The server closing cleanly is the normal end (after QUIT/LOGOUT); a broken

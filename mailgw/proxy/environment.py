@@ -20,13 +20,20 @@ from mailgw.config import InterfaceConfig, ProxyConfig, SSOConfig
 from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics
 from mailgw.proxy.gatekeeper import Gatekeeper
-from mailgw.proxy.registry import SessionRegistry
+from mailgw.proxy.registry import SessionInfo, SessionRegistry
+from mailgw.proxy.relay import IRelayStage
 from mailgw.sso.identity import IdentityTable
 from mailgw.sso.neighbours import NeighbourTable
 from mailgw.upstream import Connector
 
 if TYPE_CHECKING:
     from mailgw.proxy.core import ProxySession
+
+
+class StageFactory(typing.Protocol):
+    """What the core needs of content inspection [4.9]: a stage per inspected session."""
+
+    def stage_for(self, protocol: str, profile: str, info: SessionInfo) -> IRelayStage | None: ...
 
 
 class InputBuffer(typing.Protocol):
@@ -74,6 +81,8 @@ class ProxyEnvironment:
     sso_inline: SSOConfig | None = None
     #: the neighbour table, where C{sso.pop3.policy} names MAC addresses
     neighbours: NeighbourTable | None = None
+    #: content inspection [4.9]: the stages of sessions whose policy names a profile
+    inspection: StageFactory | None = None
 
 
 class ProxyFactory(Factory):

@@ -6,7 +6,11 @@ registered as the streaming producer of the other, so when one side's write buff
 fills up Twisted pauses reading on the other (no unbounded buffering).
 
 Content inspection [4.9] plugs in as an L{IRelayStage}: a session whose policy inspects
-gets a stage between the two sides; the others keep the direct path.
+gets a stage between the two sides; the others keep the direct path.  A stage is
+producer/consumer-aware: it writes through an L{IStageEnds}, can hold (pause the reading
+of) either side while it waits for a verdict, is told when a side's write buffer fills
+or drains, and when the relay closes.  A side is read only when neither the other
+side's full buffer nor the stage holds it, so the bounded-buffering rule holds.
 """
 
 from __future__ import annotations
@@ -21,19 +25,49 @@ from mailgw.proxy.registry import SessionInfo
 Sink = Callable[[bytes], None]
 
 
+class IStageEnds(Interface):
+    """What a stage writes to and controls: the two sides of the relay."""
+
+    def to_client(data: bytes) -> None:
+        """Write to the client."""
+
+    def to_server(data: bytes) -> None:
+        """Write to the mail server."""
+
+    def hold_client(held: bool) -> None:
+        """Stop (C{True}) or allow again (C{False}) reading from the client."""
+
+    def hold_server(held: bool) -> None:
+        """Stop (C{True}) or allow again (C{False}) reading from the mail server."""
+
+    def end(reason: str, goodbye: bytes) -> None:
+        """End the session: C{goodbye} to the client, both sides closed, C{reason} logged."""
+
+
 class IRelayStage(Interface):
     """A filter put between client and server by a session's policy [4.9]."""
 
     name = Attribute("Short name of the stage, for logs.")
 
-    def attach(to_server: Sink, to_client: Sink) -> None:
-        """Where the stage writes what it lets through, in each direction."""
+    def attach(ends: IStageEnds) -> None:
+        """Where the stage writes what it lets through, and how it holds a side."""
 
     def from_client(data: bytes) -> None:
-        """Bytes the client sent; the stage calls C{to_server} with what passes."""
+        """Bytes the client sent; the stage calls C{ends.to_server} with what passes."""
 
     def from_server(data: bytes) -> None:
-        """Bytes the server sent; the stage calls C{to_client} with what passes."""
+        """Bytes the server sent; the stage calls C{ends.to_client} with what passes."""
+
+    def client_writable(writable: bool) -> None:
+        """The client's write buffer is full (C{False}) or has room again (C{True}):
+        a stage writing much (a spooled message) waits for C{True}."""
+
+    def server_writable(writable: bool) -> None:
+        """The same for the mail server's write buffer."""
+
+    def closed() -> None:
+        """The relay is closing (either side went, or the session ends): nothing more
+        is written; release what the stage holds (spools, scans)."""
 
 
 @implementer(IRelayStage)
@@ -43,22 +77,31 @@ class PassThrough:
     name = "pass-through"
 
     def __init__(self) -> None:
-        self._to_server: Sink = _unattached
-        self._to_client: Sink = _unattached
+        self.ends: IStageEnds | None = None
 
-    def attach(self, to_server: Sink, to_client: Sink) -> None:
-        self._to_server = to_server
-        self._to_client = to_client
+    def attach(self, ends: IStageEnds) -> None:
+        self.ends = ends
 
     def from_client(self, data: bytes) -> None:
-        self._to_server(data)
+        _attached(self.ends).to_server(data)
 
     def from_server(self, data: bytes) -> None:
-        self._to_client(data)
+        _attached(self.ends).to_client(data)
+
+    def client_writable(self, writable: bool) -> None:
+        pass
+
+    def server_writable(self, writable: bool) -> None:
+        pass
+
+    def closed(self) -> None:
+        pass
 
 
-def _unattached(data: bytes) -> None:
-    raise RuntimeError("relay stage used before attach()")
+def _attached(ends: IStageEnds | None) -> IStageEnds:
+    if ends is None:
+        raise RuntimeError("relay stage used before attach()")
+    return ends
 
 
 #: seconds a closing connection gets to flush its last words and the TLS close alert
@@ -112,6 +155,71 @@ class _Pauses:
         pass
 
 
+@implementer(IPushProducer)
+class _Valve:
+    """One side as the other's producer when a stage sits between them: the side is
+    read only while neither the other side's full write buffer nor the stage holds
+    it, and the stage hears when the other side's buffer fills or drains."""
+
+    __slots__ = ("_by_peer", "_by_stage", "_transport", "_writable")
+
+    def __init__(self, transport: ITransport, writable: Callable[[bool], None]) -> None:
+        self._transport = transport
+        #: told whether the transport this valve is registered with can take more
+        self._writable = writable
+        self._by_peer = False
+        self._by_stage = False
+
+    def _set(self, by_peer: bool, by_stage: bool) -> None:
+        was = self._by_peer or self._by_stage
+        self._by_peer, self._by_stage = by_peer, by_stage
+        now = by_peer or by_stage
+        if now and not was:
+            self._transport.pauseProducing()  # type: ignore[attr-defined]
+        elif was and not now:
+            self._transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def hold(self, held: bool) -> None:
+        self._set(self._by_peer, held)
+
+    def pauseProducing(self) -> None:
+        self._set(True, self._by_stage)
+        self._writable(False)
+
+    def resumeProducing(self) -> None:
+        self._set(False, self._by_stage)
+        self._writable(True)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IStageEnds)
+class _Ends:
+    """The relay's sides as a stage sees them."""
+
+    __slots__ = ("_relay", "client_valve", "end", "server_valve", "to_client", "to_server")
+
+    def __init__(self, relay: Relay, stage: IRelayStage, end: Callable[[str, bytes], None]) -> None:
+        self.to_client: Sink = relay._client.write
+        self.to_server: Sink = relay._server.write
+        #: the client side, registered with the server transport
+        self.client_valve = _Valve(relay._client, stage.server_writable)
+        #: the server side, registered with the client transport
+        self.server_valve = _Valve(relay._server, stage.client_writable)
+        self.end = end
+
+    def hold_client(self, held: bool) -> None:
+        self.client_valve.hold(held)
+
+    def hold_server(self, held: bool) -> None:
+        self.server_valve.hold(held)
+
+
+def _no_end(reason: str, goodbye: bytes) -> None:
+    raise RuntimeError("this relay has no session to end")
+
+
 class Relay:
     """Joins the client transport and the upstream transport of one session.
 
@@ -127,11 +235,13 @@ class Relay:
         "_client_gone",
         "_client_timer",
         "_clock",
+        "_ends",
         "_info",
         "_seconds",
         "_server",
         "_server_gone",
         "_server_timer",
+        "_stage",
         "_to_client",
         "_to_server",
         "closed",
@@ -144,6 +254,7 @@ class Relay:
         server: ITransport,
         clock: IReactorTime,
         stage: IRelayStage | None = None,
+        end: Callable[[str, bytes], None] = _no_end,
     ) -> None:
         self._info = info
         self._client = client
@@ -155,8 +266,11 @@ class Relay:
         self._server_gone = False
         self._client_timer: IDelayedCall | None = None
         self._server_timer: IDelayedCall | None = None
+        self._stage = stage
+        self._ends: _Ends | None = None
         if stage is not None:
-            stage.attach(self._server.write, self._client.write)
+            self._ends = _Ends(self, stage, end)
+            stage.attach(self._ends)
             self._to_server: Sink = stage.from_client
             self._to_client: Sink = stage.from_server
         else:
@@ -164,9 +278,15 @@ class Relay:
             self._to_client = client.write
 
     def start(self) -> None:
-        """Register each side as the other's producer (flow control both ways)."""
-        self._server.registerProducer(_Pauses(self._client), True)  # type: ignore[attr-defined]
-        self._client.registerProducer(_Pauses(self._server), True)  # type: ignore[attr-defined]
+        """Register each side as the other's producer (flow control both ways; through
+        the stage's valves when there is a stage)."""
+        ends = self._ends
+        if ends is None:
+            self._server.registerProducer(_Pauses(self._client), True)  # type: ignore[attr-defined]
+            self._client.registerProducer(_Pauses(self._server), True)  # type: ignore[attr-defined]
+        else:
+            self._server.registerProducer(ends.client_valve, True)  # type: ignore[attr-defined]
+            self._client.registerProducer(ends.server_valve, True)  # type: ignore[attr-defined]
 
     def from_client(self, data: bytes) -> None:
         info = self._info
@@ -189,6 +309,10 @@ class Relay:
         # Nothing more is passed on: a side that is still sending while the other
         # closes must not fill the closing side's buffer.
         self._to_server = self._to_client = _discard
+        if self._ends is not None:
+            self._ends.to_client = self._ends.to_server = _discard
+            assert self._stage is not None
+            self._stage.closed()
         for transport in (self._client, self._server):
             try:
                 transport.unregisterProducer()  # type: ignore[attr-defined]

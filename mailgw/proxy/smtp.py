@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.proxy.core import ProxySession
-from mailgw.proxy.relay import IRelayStage, Sink
+from mailgw.proxy.relay import IRelayStage, IStageEnds, Sink
 from mailgw.upstream import UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.upstream.smtp import SMTPUpstreamLogin
 from mailgw.wire import sasl, smtp
@@ -67,18 +67,30 @@ class GoodbyeWatch:
         self._next: Sink = _unattached
         self._tail = b""
 
-    def attach(self, to_server: Sink, to_client: Sink) -> None:
+    def attach(self, ends: IStageEnds) -> None:
         if self._inner is None:
-            self.from_client = to_server
-            self._next = to_client
+            self.from_client = ends.to_server
+            self._next = ends.to_client
         else:
-            self._inner.attach(to_server, to_client)
+            self._inner.attach(ends)
             self.from_client = self._inner.from_client
             self._next = self._inner.from_server
 
     def from_server(self, data: bytes) -> None:
         self._tail = data[-_TAIL:] if len(data) >= _TAIL else (self._tail + data)[-_TAIL:]
         self._next(data)
+
+    def client_writable(self, writable: bool) -> None:
+        if self._inner is not None:
+            self._inner.client_writable(writable)
+
+    def server_writable(self, writable: bool) -> None:
+        if self._inner is not None:
+            self._inner.server_writable(writable)
+
+    def closed(self) -> None:
+        if self._inner is not None:
+            self._inner.closed()
 
     @property
     def mid_line(self) -> bool:
