@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailgw.poller import message as msg
+from mailgw.poller.leases import LeaseLost, PollLease
 from mailgw.poller.pop3 import Listing, Pop3Error, Pop3Session, ReadGate
 from mailgw.poller.smtp import SmtpClient, SmtpError, open_smtp
 from mailgw.state import AccountRecord, IStateStore, JournalEntry, JournalState, StateError
@@ -424,6 +425,7 @@ class Poll:
         progress: Callable[[PollReport], None] | None = None,
         stopping: Callable[[], bool] | None = None,
         clock: IReactorTime | None = None,
+        lease: PollLease | None = None,
     ) -> None:
         self.account = account
         self._password = password
@@ -448,6 +450,11 @@ class Poll:
         self._quit = False
         self._deletes = 0
         self._delivered_ids: dict[str, str] = {}
+        #: the SMTP client while a DATA is under way before its final dot
+        self._relay: SmtpClient | None = None
+        self._lease = lease
+        if lease is not None:
+            lease.on_lost(self._lease_lost)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -457,7 +464,7 @@ class Poll:
         self.log.debug("Polling account {account}", account=account.id)
         try:
             await self._run()
-        except (UpstreamError, Pop3Error, SmtpError, StateError, _StopPoll) as e:
+        except (UpstreamError, Pop3Error, SmtpError, StateError, LeaseLost, _StopPoll) as e:
             report.error = getattr(e, "reason", None) or str(e)
             self.log.warn("Poll of account {account} stopped: {reason}", account=account.id, reason=report.error)
         finally:
@@ -480,6 +487,13 @@ class Poll:
             await smtp.quit()
             await smtp.closed
         self._smtp = None
+
+    def _lease_lost(self, reason: LeaseLost) -> None:
+        # Another gateway may poll the account from now on: a DATA not yet ended is
+        # cut, so that the SMTP server voids it (the journal goes back to "seen").
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.abort("the account's lease was lost")
 
     def _fault_at(self, point: str) -> None:
         if self._fault is not None:
@@ -521,16 +535,18 @@ class Poll:
             for entry in journal.values()
             if entry.state is JournalState.DELIVERED and entry.message_id
         }
-        stopped: _StopPoll | None = None
+        stopped: _StopPoll | LeaseLost | None = None
         try:
             for remote in messages:
+                if self._lease is not None and self._lease.lost is not None:
+                    raise self._lease.lost
                 if self._stopping():
                     self.log.info("Poll of account {account} interrupted: the poller stops", account=account.id)
                     break
                 await self._message(remote, journal.get(remote.uidl))
                 if self._progress is not None:
                     self._progress(self.report)
-        except _StopPoll as e:
+        except (_StopPoll, LeaseLost) as e:
             stopped = e
         # Apply the deletions done so far (QUIT), even when a message ended the poll
         # early; not after a broken connection, which the server rolls back.
@@ -727,6 +743,8 @@ class Poll:
         trace = msg.trace_header(self.settings.node_name, account.id, account.host, self.clock.seconds())
         try:
             accepted, failure = await self._envelope(smtp, headers, recipients, remote, len(trace))
+            if failure is None and self._lease is not None and self._lease.lost is not None:
+                failure = ("lease_lost", str(self._lease.lost))
             if not accepted and failure is None:
                 # Nobody valid: [6] step 4.
                 if account.no_recipient_action == "postmaster" and postmaster not in recipients:
@@ -770,6 +788,9 @@ class Poll:
                 self._skip(remote.uidl, remote.number, kind, f"DATA refused: {reply.code} {reply.text[:200]}")
                 return
             transfer.start_relay(smtp, trace)
+            self._relay = smtp
+            if self._lease is not None and self._lease.lost is not None:
+                self._lease_lost(self._lease.lost)
             self._fault_at("during_data")
             watchdog = self._watch(transfer, smtp)
             try:
@@ -782,10 +803,11 @@ class Poll:
                 self._smtp = None
                 await self._abandon(remote, message_id)
                 raise problem
-            if transfer.smtp_error is not None:
+            if transfer.smtp_error is not None or not smtp.usable:
                 self._smtp = None
                 await self._abandon(remote, message_id)
-                self._skip(remote.uidl, remote.number, "temporary", str(transfer.smtp_error))
+                broke = str(transfer.smtp_error or "the SMTP connection broke during DATA")
+                self._skip(remote.uidl, remote.number, *self._cut("temporary", broke))
                 return
             # From the end of DATA until the "delivered" commit is the one window in
             # which a crash can duplicate the message: note it durably first, so
@@ -796,8 +818,10 @@ class Poll:
             if not smtp.usable:
                 self._smtp = None
                 await self._abandon(remote, message_id)
-                self._skip(remote.uidl, remote.number, "temporary", "the SMTP connection broke during DATA")
+                self._skip(remote.uidl, remote.number, *self._cut("temporary", "the SMTP connection broke during DATA"))
                 return
+            # The lease still held (else the relay was cut): the final dot goes out.
+            self._relay = None
             try:
                 final = await smtp.end_data()
             except SmtpError as e:
@@ -812,8 +836,10 @@ class Poll:
             if not transfer.finished.called:
                 transfer.discard()
                 await self._finish(transfer)
-            self._skip(remote.uidl, remote.number, "temporary", f"SMTP connection failed: {e}")
+            self._skip(remote.uidl, remote.number, *self._cut("temporary", f"SMTP connection failed: {e}"))
             return
+        finally:
+            self._relay = None
         if not final.positive:
             await self._abandon(remote, message_id)
             kind = "temporary" if final.transient else "rejected"
@@ -837,6 +863,13 @@ class Poll:
             await self._dele(remote)
         else:
             self.report.kept += 1
+
+    def _cut(self, kind: str, reason: str) -> tuple[str, str]:
+        """The kind and reason of a skip: C{lease_lost} when the lease was lost (which
+        is what cut the SMTP connection), else as given."""
+        if self._lease is not None and self._lease.lost is not None:
+            return "lease_lost", str(self._lease.lost)
+        return kind, reason
 
     def _watch(self, transfer: MessageTransfer, smtp: SmtpClient) -> _Watchdog:
         return _Watchdog(self.clock, self.settings.smtp_timeout, transfer, smtp)

@@ -28,12 +28,14 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailgw.admin.commands import NotAvailable
 from mailgw.config import GatewayConfig, PollerConfig
 from mailgw.poller.accounts import AccountNotFound, Accounts, PasswordCipher, PasswordUnreadable
+from mailgw.poller.leases import AccountLease, LeaseTiming
 from mailgw.poller.poll import Fault, Poll, PollReport, PollSettings
-from mailgw.state import AccountRecord, IStateStore
+from mailgw.state import AccountRecord, IStateStore, Lease, StateError
 from mailgw.upstream import Connector
 
 __all__ = ["AccountMetrics", "PollerDisabled", "PollerMetricsSink", "PollerService"]
@@ -141,6 +143,8 @@ class PollerService(Service):
     @param clock: schedules the polls (default: C{reactor}).
     @param poll_runner: runs one poll (default: a L{Poll} over the real servers).
     @param rng: the jitter's random source.
+    @param lease_timing: the lease timing of an account polled every so many
+        seconds (L{LeaseTiming.for_interval}).
     """
 
     log = Logger()
@@ -161,6 +165,7 @@ class PollerService(Service):
         clock: IReactorTime | None = None,
         poll_runner: PollRunner | None = None,
         rng: random.Random | None = None,
+        lease_timing: Callable[[float], LeaseTiming] = LeaseTiming.for_interval,
     ) -> None:
         self.setName("poller")
         self.config = config.poller
@@ -196,6 +201,13 @@ class PollerService(Service):
         self._random = rng or random.Random()
         self._timers: dict[int, IDelayedCall] = {}
         self._running: dict[int, _Running] = {}
+        self.lease_timing = lease_timing
+        #: the lease of each account being polled
+        self._leases: dict[int, AccountLease] = {}
+        #: the interval of each account as last read (the duration of its next lease)
+        self._intervals: dict[int, int] = {}
+        #: the node that held the lease of an account at this gateway's last attempt
+        self._refused_by: dict[int, str] = {}
         self._stopping = False
         self._started: defer.Deferred[None] | None = None
         #: per-account counters (account id → metrics)
@@ -247,6 +259,7 @@ class PollerService(Service):
     async def _schedule_all(self) -> None:
         records = await self.state.list_accounts()
         for record in records:
+            self._intervals[record.id] = record.interval or self.config.default_interval
             if record.enabled and self.running:
                 interval = record.interval or self.config.default_interval
                 self._schedule(record.id, self._random.uniform(0, min(interval, FIRST_POLL_WINDOW)))
@@ -304,9 +317,12 @@ class PollerService(Service):
                 timer.cancel()
             self.metrics.pop(account_id, None)
             self.last_reports.pop(account_id, None)
+            self._intervals.pop(account_id, None)
+            self._refused_by.pop(account_id, None)
             if self.metrics_sink is not None:
                 self.metrics_sink.forget_account(str(account_id))
             return
+        self._intervals[account_id] = record.interval or self.config.default_interval
         if not record.enabled:
             timer = self._timers.pop(account_id, None)
             if timer is not None and timer.active():
@@ -328,16 +344,28 @@ class PollerService(Service):
             return defer.fail(PollerDisabled("the remote POP poller is disabled ([poller] enabled = false)"))
         if self._stopping:
             return defer.fail(PollerDisabled("the remote POP poller is stopping"))
-        running = self._running.get(account_id) or self._start(account_id, progress)
         waiter: defer.Deferred[PollReport] = defer.Deferred()
-        running.waiters.append(waiter)
+        running = self._running.get(account_id)
+        if running is not None:
+            running.waiters.append(waiter)
+        else:
+            # The waiter first: a poll that ends at once (a store failing
+            # synchronously) must still answer it.
+            self._start(account_id, progress, waiter)
         return waiter
 
-    def _start(self, account_id: int, progress: Callable[[PollReport], None] | None = None) -> _Running:
+    def _start(
+        self,
+        account_id: int,
+        progress: Callable[[PollReport], None] | None = None,
+        waiter: defer.Deferred[PollReport] | None = None,
+    ) -> _Running:
         running = self._running.get(account_id)
         if running is not None:
             return running
         running = self._running[account_id] = _Running()
+        if waiter is not None:
+            running.waiters.append(waiter)
         running.deferred = defer.Deferred.fromCoroutine(self._poll(account_id, progress))
         running.deferred.addBoth(self._done, account_id, running)
         return running
@@ -358,9 +386,53 @@ class PollerService(Service):
     async def _poll(self, account_id: int, progress: Callable[[PollReport], None] | None) -> PollReport:
         await self._semaphore.acquire()
         try:
+            return await self._leased_poll(account_id, progress)
+        finally:
+            self._semaphore.release()
+
+    async def _leased_poll(self, account_id: int, progress: Callable[[PollReport], None] | None) -> PollReport:
+        """Take the account's lease [11], poll, release it.  The lease is asked for
+        together with the account (one round trip, not two), for the duration of the
+        interval last read; the timing is corrected once the account is read."""
+        node = self.settings.node_name
+        interval = self._intervals.get(account_id) or self.config.default_interval
+        lease = AccountLease(self.state, account_id, node, self.lease_timing(interval), self.clock)
+        acquiring = defer.Deferred.fromCoroutine(lease.acquire())
+        taken: defer.Deferred[Lease | Exception | None] = acquiring.addErrback(_exception)
+        try:
             record = await self.state.get_account(account_id)
-            if record is None:
-                raise AccountNotFound(account_id)
+        except StateError as e:
+            await taken
+            await lease.release()
+            return self._unavailable(account_id, interval, e)
+        except BaseException:
+            await taken
+            await lease.release()
+            raise
+        held = await taken
+        if record is None:
+            await lease.release()
+            raise AccountNotFound(account_id)
+        interval = self._intervals[account_id] = record.interval or self.config.default_interval
+        if isinstance(held, Exception):
+            if not isinstance(held, StateError):
+                raise held
+            return self._unavailable(account_id, interval, held, record.enabled)
+        timing = self.lease_timing(interval)
+        if held is None:
+            return await self._refused(record, timing)
+        lease.retime(timing)
+        previous = self._refused_by.pop(account_id, None)
+        if previous is not None and previous != node:
+            self.log.info(
+                "Account {account}: lease taken over by {node} from {previous_node}, which held it at the last attempt",
+                account=account_id,
+                node=node,
+                previous_node=previous,
+                kind="lease_taken_over",
+            )
+        self._leases[account_id] = lease
+        try:
             try:
                 password = self.accounts.password(record)
             except PasswordUnreadable as e:
@@ -368,14 +440,55 @@ class PollerService(Service):
                 report = PollReport(account_id, started=now, finished=now, error=str(e))
                 self.log.error("Account {account}: {reason}", account=account_id, reason=report.error)
             else:
-                report = await self.poll_runner(record, password, progress, lambda: self._stopping)
-            self._record(report)
-            if record.enabled:
-                interval = record.interval or self.config.default_interval
-                self._schedule(account_id, interval * self._random.uniform(0.9, 1.1))
-            return report
+                report = await self.poll_runner(
+                    record, password, progress, lambda: self._stopping or lease.lost is not None
+                )
         finally:
-            self._semaphore.release()
+            del self._leases[account_id]
+            await lease.release()
+        self._record(report)
+        if record.enabled:
+            self._schedule(account_id, interval * self._random.uniform(0.9, 1.1))
+        return report
+
+    def _unavailable(self, account_id: int, interval: int, error: StateError, enabled: bool = True) -> PollReport:
+        """The state database failed the lease or the account: skip this round."""
+        now = self.clock.seconds()
+        report = PollReport(account_id, started=now, finished=now, error=f"state database unavailable: {error}")
+        self.log.warn(
+            "Account {account}: not polled this round, the state database failed: {reason}; next attempt in "
+            "{interval} s",
+            account=account_id,
+            reason=str(error),
+            interval=interval,
+            kind="lease_unavailable",
+        )
+        self._record(report)
+        if enabled:
+            self._schedule(account_id, interval * self._random.uniform(0.9, 1.1))
+        return report
+
+    async def _refused(self, record: AccountRecord, timing: LeaseTiming) -> PollReport:
+        """Another node holds the lease: no poll (nothing counted); try again after
+        C{timing.retry}, so that the account is taken over within one interval if that
+        node is dead."""
+        try:
+            holder = (await self.state.leases()).get(record.id)
+        except StateError:
+            holder = None
+        node = holder.node if holder is not None else "another gateway"
+        self._refused_by[record.id] = node
+        self.log.debug(
+            "Account {account}: not polled by {node}, {holder_node} holds its lease",
+            account=record.id,
+            node=self.settings.node_name,
+            holder_node=node,
+            kind="lease_held",
+        )
+        now = self.clock.seconds()
+        if record.enabled:
+            self._schedule(record.id, timing.retry * self._random.uniform(0.9, 1.0))
+        return PollReport(record.id, started=now, finished=now, error=f"being polled by {node} (it holds the lease)")
 
     async def _run_poll(
         self,
@@ -395,6 +508,7 @@ class PollerService(Service):
             progress=progress,
             stopping=stopping,
             clock=self.clock,
+            lease=self._leases.get(record.id),
         )
         try:
             return await poll.run()
@@ -448,6 +562,12 @@ class PollerService(Service):
         account["last_poll"] = report.finished if report is not None else None
         account["last_result"] = _last_result(report) if report is not None else None
         account["metrics"] = (metrics or AccountMetrics()).to_dict()
+
+
+def _exception(failure: Failure) -> Exception:
+    """A failure's exception, as a result (to be looked at later)."""
+    error = failure.value
+    return error if isinstance(error, Exception) else RuntimeError(repr(error))
 
 
 def _last_result(report: PollReport) -> str:

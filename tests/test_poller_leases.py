@@ -1,0 +1,289 @@
+"""Poller account leases [11] with one SQLite store and a Clock: the poller takes an
+account's lease before polling it, renews it during a long poll, releases it after,
+does not poll an account another node holds (and takes it over when that lease runs
+out), and stops a poll whose lease renewal fails; a real poll (scripted POP3 server,
+real SMTP sink) whose lease is lost during DATA cuts the DATA, delivers nothing more
+and ends with QUIT."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from mailgw.poller.leases import LeaseTiming
+from mailgw.poller.poll import PollReport
+from mailgw.poller.service import PollerService
+from mailgw.state import AccountRecord, JournalState
+from mailgw.state.sqlite import SQLiteState
+from mailgw.upstream import Connector
+from tests.servers.poller_fixtures import environment, message
+from tests.servers.poller_pop3 import FakePop3Server
+from tests.servers.poller_smtp import PollerSink
+
+ACCOUNT = {"host": "pop.isp.example", "username": "u", "password": "p", "domain": "example.com"}
+NODE = "gw-a"
+TIMING = LeaseTiming(duration=100.0, renew_every=25.0, margin=30.0, retry=150.0)
+
+
+class Runner:
+    """A poll runner whose polls the test ends (L{finish})."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, Callable[[], bool]]] = []
+        self.pending: dict[int, defer.Deferred[PollReport]] = {}
+
+    def __call__(
+        self,
+        record: AccountRecord,
+        password: str,
+        progress: Callable[[PollReport], None] | None,
+        stopping: Callable[[], bool],
+    ) -> defer.Deferred[PollReport]:
+        self.calls.append((record.id, stopping))
+        d: defer.Deferred[PollReport] = defer.Deferred()
+        self.pending[record.id] = d
+        return d
+
+    def finish(self, account_id: int) -> None:
+        self.pending.pop(account_id).callback(PollReport(account_id, started=0.0, finished=1.0))
+
+
+def capture(testcase: TestCase) -> EventLoggingObserver:
+    events = EventLoggingObserver()
+    globalLogPublisher.addObserver(events)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events)
+    return events
+
+
+def kinds(events: EventLoggingObserver, kind: str) -> list[dict[str, Any]]:
+    return [dict(e) for e in events if e.get("kind") == kind]
+
+
+class LeaseSchedulingTests(TestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.folder = Path(self.mktemp()).absolute()
+        self.folder.mkdir()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        # The store's lease clock is the test's: a lease runs out when the Clock says.
+        self.state = SQLiteState(self.folder / "state.sqlite3", reactor, clock=self.clock)
+        await self.state.start()
+        self.addCleanup(self.state.close)
+        self.runner = Runner()
+        self.events = capture(self)
+
+    def service(self, **kwargs: Any) -> PollerService:
+        service = PollerService(
+            environment(self.folder, "127.0.0.1", 25, NODE),
+            self.state,
+            Connector(reactor),
+            reactor,
+            clock=self.clock,
+            poll_runner=self.runner,
+            rng=random.Random(3),
+            lease_timing=lambda interval: TIMING,
+            **kwargs,
+        )
+        self.addCleanup(self._stop, service)
+        return service
+
+    def _stop(self, service: PollerService) -> defer.Deferred[None]:
+        for account_id in list(self.runner.pending):
+            self.runner.finish(account_id)
+        if not service.running:
+            return defer.succeed(None)
+        return service.stopService()
+
+    async def settle(self) -> None:
+        """Let the state calls in flight complete (one thread, first in, first out)."""
+        for _ in range(3):
+            await self.state.list_accounts()
+
+    async def test_takenRenewedReleased(self) -> None:
+        """The lease is taken (for this node) before the poll, renewed every
+        C{renew_every} while the poll runs, and released when it ends."""
+        service = self.service()
+        await service.accounts.add(ACCOUNT)
+        d = service.poll(1)
+        await self.settle()
+        self.assertEqual([call[0] for call in self.runner.calls], [1])
+        leases = await self.state.leases()
+        self.assertEqual((leases[1].node, leases[1].expires), (NODE, 1000 + TIMING.duration))
+        for renewal in (1, 2, 3):
+            self.clock.advance(TIMING.renew_every)
+            await self.settle()
+            leases = await self.state.leases()
+            self.assertEqual(leases[1].expires, 1000 + renewal * TIMING.renew_every + TIMING.duration)
+            self.assertEqual(leases[1].acquired, 1000)
+        [(_, stopping)] = self.runner.calls
+        self.assertFalse(stopping())
+        self.runner.finish(1)
+        report = await d
+        self.assertTrue(report.ok)
+        self.assertEqual(await self.state.leases(), {})
+        self.assertEqual(service.metrics[1].polls, 1)
+
+    async def test_heldByAnotherNode(self) -> None:
+        """An account whose lease another node holds is not polled (nothing counted);
+        the next attempt comes after C{retry}; once that lease has run out the poller
+        takes the account over, logging it with the previous node."""
+        service = self.service()
+        service.startService()
+        await service.accounts.add(ACCOUNT)
+        await self.settle()
+        self.assertIsNotNone(await self.state.lease_acquire(1, "gw-b", 120.0))
+        report = await service.poll(1)
+        self.assertEqual(self.runner.calls, [])
+        self.assertIn("gw-b", report.error or "")
+        self.assertNotIn(1, service.metrics)
+        due = service.next_poll(1)
+        assert due is not None
+        self.assertTrue(1000 + 0.9 * TIMING.retry <= due <= 1000 + TIMING.retry, due)
+        self.assertEqual(kinds(self.events, "lease_held")[-1]["holder_node"], "gw-b")
+        self.clock.advance(due - self.clock.seconds())  # gw-b's lease ran out meanwhile
+        await self.settle()
+        self.assertEqual([call[0] for call in self.runner.calls], [1])
+        [taken] = kinds(self.events, "lease_taken_over")
+        self.assertEqual((taken["account"], taken["node"], taken["previous_node"]), (1, NODE, "gw-b"))
+        self.assertEqual((await self.state.leases())[1].node, NODE)
+
+    async def test_notPolledWhileHeld(self) -> None:
+        """While another node keeps renewing the lease, the scheduled attempts never
+        poll."""
+        service = self.service()
+        service.startService()
+        await service.accounts.add(ACCOUNT)
+        await self.settle()
+        for _ in range(4):
+            self.assertIsNotNone(await self.state.lease_acquire(1, "gw-b", 1000.0))
+            due = service.next_poll(1)
+            assert due is not None
+            self.clock.advance(due - self.clock.seconds())
+            await self.settle()
+        self.assertEqual(self.runner.calls, [])
+        self.assertGreaterEqual(len(kinds(self.events, "lease_held")), 4)
+
+    async def test_renewalRefusedStopsPoll(self) -> None:
+        """A renewal answering that this node no longer holds the lease stops the poll
+        at once (its stopping predicate turns true) with a lease_lost event."""
+        service = self.service()
+        await service.accounts.add(ACCOUNT)
+        d = service.poll(1)
+        await self.settle()
+        [(_, stopping)] = self.runner.calls
+        self.assertTrue(await self.state.lease_release(1, NODE))  # as if another node had it now
+        self.clock.advance(TIMING.renew_every)
+        await self.settle()
+        self.assertTrue(stopping())
+        [lost] = kinds(self.events, "lease_lost")
+        self.assertEqual((lost["account"], lost["node"]), (1, NODE))
+        self.runner.finish(1)
+        await d
+
+    async def test_renewalOverdueStopsPoll(self) -> None:
+        """A renewal not confirmed C{margin} before the lease would run out stops the
+        poll (the store's answer came too late to rely on)."""
+        service = self.service()
+        await service.accounts.add(ACCOUNT)
+        d = service.poll(1)
+        await self.settle()
+        [(_, stopping)] = self.runner.calls
+        # One jump past the deadline: the renewal sent on the way is answered after it.
+        self.clock.advance(TIMING.duration - TIMING.margin)
+        self.assertTrue(stopping())
+        [lost] = kinds(self.events, "lease_lost")
+        self.assertIn("in time", lost["reason"])
+        self.runner.finish(1)
+        await d
+        self.assertEqual(await self.state.leases(), {})
+
+    async def test_databaseErrorSkipsRound(self) -> None:
+        """The store failing (closed here) skips the round with one lease_unavailable
+        event, and the account stays scheduled for the next interval."""
+        service = self.service()
+        service.startService()
+        await service.accounts.add(ACCOUNT)
+        await self.settle()
+        await self.state.close()
+        report = await service.poll(1)
+        self.assertIn("state database", report.error or "")
+        self.assertEqual(self.runner.calls, [])
+        self.assertEqual(len(kinds(self.events, "lease_unavailable")), 1)
+        due = service.next_poll(1)
+        assert due is not None
+        self.assertGreater(due - self.clock.seconds(), 0.8 * 300)
+
+    async def test_stopReleases(self) -> None:
+        """Stopping the service ends the running poll and releases its lease."""
+        service = self.service()
+        service.startService()
+        await service.accounts.add(ACCOUNT)
+        d = service.poll(1)
+        await self.settle()
+        self.assertIn(1, await self.state.leases())
+        stopped = service.stopService()
+        self.runner.finish(1)
+        await stopped
+        await d
+        self.assertEqual(await self.state.leases(), {})
+
+
+class LostDuringDataTests(TestCase):
+    """A real poll whose lease is lost while it relays a message."""
+
+    async def test_lostDuringData(self) -> None:
+        """The lease lost during the second message's DATA: that DATA is cut before
+        its final dot (nothing delivered, the journal back to "seen"), the third
+        message is not touched, and the session ends with QUIT, which applies the
+        first message's deletion; the report says why."""
+        folder = Path(self.mktemp()).absolute()
+        folder.mkdir()
+        clock = Clock()
+        clock.advance(1000)
+        state = SQLiteState(folder / "state.sqlite3", reactor, clock=clock)
+        await state.start()
+        self.addCleanup(state.close)
+        sink = PollerSink.started(self)
+        mails = [message([("To", f"user{n}@example.com")], body="line\r\n" * 2000) for n in range(3)]
+        pop3 = await FakePop3Server.listening(self, mails)
+        seen = {"count": 0}
+
+        def fault(point: str) -> None:
+            if point == "during_data":
+                seen["count"] += 1
+                if seen["count"] == 2:
+                    # No renewal confirmed in time: the deadline passes now.
+                    clock.advance(TIMING.duration)
+
+        service = PollerService(
+            environment(folder, sink.host, sink.port, NODE),
+            state,
+            Connector(reactor),
+            reactor,
+            clock=clock,
+            fault=fault,
+            lease_timing=lambda interval: TIMING,
+        )
+        record = await service.accounts.add({**ACCOUNT, "host": "127.0.0.1", "port": pop3.port, "tls": "none"})
+        report = await service.poll(record["id"])
+        self.assertIn("lease", report.error or "")
+        self.assertEqual(len(sink.messages), 1)
+        self.assertIn(b"To: user0@example.com", sink.messages[0].data or b"")
+        self.assertEqual(report.delivered, 1)
+        self.assertIn("lease_lost", [s.kind for s in report.skipped])
+        journal = await state.journal(record["id"])
+        self.assertEqual(journal["uid-1"].state, JournalState.DELIVERED)
+        self.assertEqual(journal["uid-2"].state, JournalState.SEEN)
+        self.assertEqual(journal["uid-3"].state, JournalState.SEEN)
+        self.assertNotIn(b"RETR 3", pop3.commands)
+        self.assertEqual(pop3.commands[-1], b"QUIT")
+        self.assertEqual(pop3.deleted, {1})
+        self.assertEqual(await state.leases(), {})
