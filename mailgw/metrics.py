@@ -237,6 +237,20 @@ class Metrics:
             ["account"],
             registry=registry,
         )
+        self._inspected = Counter(
+            "mailgw_inspected_messages",
+            "Messages inspected [4.9], by protocol, verdict (clean, stripped, tagged, rejected, "
+            "replaced, tempfail) and reason (none, virus, attachment, content-type, header, "
+            "malformed, size, scan_limit, scanner).",
+            ["protocol", "verdict", "reason"],
+            registry=registry,
+        )
+        self._scan_latency = Histogram(
+            "mailgw_scan_duration_seconds",
+            "Time clamd took to answer after the end of a message.",
+            buckets=AAA_BUCKETS,
+            registry=registry,
+        )
         if process:
             ProcessCollector(registry=registry)
 
@@ -252,6 +266,15 @@ class Metrics:
         if kind not in LOGIN_FAILURE_KINDS:
             kind = "other"
         self._logins_failed.labels(protocol, kind).inc()
+
+    def inspected(self, protocol: str, verdict: str, reason: str) -> None:
+        """A message of C{protocol} was inspected: its verdict and reason (label values
+        from fixed sets, see the series' help)."""
+        self._inspected.labels(protocol, verdict, reason).inc()
+
+    def scan_latency(self, seconds: float) -> None:
+        """clamd answered a scan C{seconds} after the message ended."""
+        self._scan_latency.observe(seconds)
 
     def session_closed(self, info: SessionInfo) -> None:
         """A session ended: keep its relayed bytes in the totals.  Call it once per

@@ -49,6 +49,8 @@ from mailgw.config import (
     RadiusGroup,
     load_config,
 )
+from mailgw.inspect.service import Inspection
+from mailgw.inspect.spool import prepare_spool_folder
 from mailgw.logs import make_observer
 from mailgw.manhole import manhole_service
 from mailgw.memory import LiveConnections
@@ -226,6 +228,11 @@ class GatewayService(MultiService):
         self._identity_sweep = TimerService(30, self._expire_identities)
         self._identity_sweep.clock = reactor
         self._identity_sweep.setServiceParent(self)
+        #: content inspection [4.9] (None: no profile); clamd's health every 30 s
+        self.inspection: Inspection | None = None
+        self._clamd_health = TimerService(30, self._check_clamd)
+        self._clamd_health.clock = reactor
+        self._clamd_health.setServiceParent(self)
         #: the default SMTP server's extensions, for the EHLO answer before AUTH [4.5]
         self.smtp_capabilities = SMTPCapabilities(reactor)
         self.smtp_capabilities.setServiceParent(self)
@@ -291,6 +298,16 @@ class GatewayService(MultiService):
             client_ca=tls.client_ca,
         )
         realm = GatewayRealm(config.group_policy)
+        old_inspection = self.inspection
+        inspection = (
+            Inspection.from_config(config, reactor, self.metrics, old_inspection) if config.inspections else None
+        )
+        if inspection is not None:
+            # Made once; what a crash left in it goes at start [4.9].
+            if old_inspection is None or old_inspection.spool != inspection.spool:
+                removed = prepare_spool_folder(inspection.spool)
+                if removed:
+                    self.log.info("Removed {count} spool files left by an earlier run", count=removed)
         # A new connector (and so new upstream TLS objects, re-reading CA files) for
         # the sessions of this configuration; the old one lives on in the old ones.
         connector = Connector(reactor)
@@ -368,6 +385,7 @@ class GatewayService(MultiService):
         kept = set(map(id, accounting.values()))
         self._retired_accounting.extend(a for a in self.accounting.values() if id(a) not in kept)
         self.accounting = accounting
+        self.inspection = inspection
         self._configure_sso(config, old_config)
         self.smtp_capabilities.configure(config.smtps, config.gateway.node_name, connector.tls_options)
         wanted: dict[tuple[object, ...], tuple[Listener, ProxyEnvironment]] = {}
@@ -405,6 +423,7 @@ class GatewayService(MultiService):
                 if proxy.protocol == "pop3s" and config.sso_pop3.enabled and config.sso_pop3.mode == "inline"
                 else None,
                 smtp_extensions=self.smtp_capabilities.keywords if proxy.protocol == "smtps" else None,
+                inspection=inspection,
             )
             self.environments[proxy.protocol] = env
             current_env = _CurrentEnvironment(self.environments, proxy.protocol)
@@ -545,6 +564,9 @@ class GatewayService(MultiService):
         )
         self._portal = portal_service(config.sso_pop3.portal, portal_site(resource, clock), clock, _ServerTLSOf(self))
         self._portal.setServiceParent(self)
+
+    def _check_clamd(self) -> defer.Deferred[None] | None:
+        return self.inspection.check_health() if self.inspection is not None else None
 
     def _expire_identities(self) -> None:
         if self.identities is not None:

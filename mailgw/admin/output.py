@@ -226,6 +226,20 @@ def format_status(status: Mapping[str, Any]) -> str:
             for group in groups
         ]
         out.append(format_table(("NAME", "PROTOCOL", "HEALTH", "LAST TEST", "SERVERS"), rows, indent="  "))
+    profiles = status.get("inspection") or []
+    if profiles:
+        out.append(f"\nInspection profiles: {len(profiles)}\n")
+        rows = [
+            (
+                p["profile"],
+                p.get("clamd") or "-",
+                p.get("health", "-") if p.get("clamd") else "-",
+                format_time(float(p["checked"])) if p.get("checked") is not None else "-",
+                p.get("detail") or "",
+            )
+            for p in profiles
+        ]
+        out.append(format_table(("PROFILE", "CLAMD", "HEALTH", "CHECKED", "DETAIL"), rows, indent="  "))
     out.append("\n")
     out.append(_summary_line("Poller", dict(status.get("poller") or {}), _POLLER_FIELDS))
     out.append(_summary_line("SSO", dict(status.get("sso") or {}), ()))

@@ -360,8 +360,13 @@ class GatewayAdminBackend:
             "aaa_groups": [self._group_status(group) for group in config.aaa_server_groups],
             "poller": self._poller_status(),
             "sso": self._sso_status(),
+            "inspection": self._inspection_status(),
             "reload": "available" if self._reload is not None else "not available",
         }
+
+    def _inspection_status(self) -> list[JSONObject]:
+        inspection = getattr(self.gateway, "inspection", None)
+        return inspection.status() if inspection is not None else []  # type: ignore[no-any-return]
 
     def _session_counts(self) -> JSONObject:
         states = [state.value for state in SessionState]
