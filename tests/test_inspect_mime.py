@@ -92,7 +92,8 @@ class Node:
         out = head + "".join(line + nl for line in self.body)  # the preamble
         for child in self.children:
             out += f"--{self.boundary}{nl}" + child.render(nl)
-        return out + f"--{self.boundary}--{nl}epilogue{nl}"
+        # an epilogue that looks like a denied part (it is none)
+        return out + f"--{self.boundary}--{nl}Content-Type: application/x-msdownload{nl}{nl}MZ{nl}"
 
     def any_denied(self) -> bool:
         return self.denied or any(child.any_denied() for child in self.children)
@@ -474,6 +475,30 @@ class AttachmentTests(SynchronousTestCase):
         self.assertIn(b"--Bx\r\n--B\r\nContent-Type: text/plain; charset=utf-8", result.output)
         self.assertTrue(result.output.endswith(b").\r\n--B--  \r\n"))
 
+    def test_everySplit(self) -> None:
+        """
+        A message full of near-boundaries gives the same result cut in two anywhere:
+        a boundary line split between chunks is recognised once complete.
+        """
+        message = lines(
+            "Content-Type: multipart/mixed; boundary=B", "", "--Bx", "--B ",
+            "Content-Type: multipart/mixed; boundary=C", "", "--C", "Content-Type: application/x-msdownload", "",
+            "MZ", "--C-", "--C--\t", "Content-Type: a/b; name=x.exe",
+            "", "--B", "", "--B--", "Content-Type: application/x-msdownload", "", "MZ", "-", "--", "--B",
+        )  # fmt: skip
+        whole = inspect([message])
+        self.assertEqual([f.kind for f in whole.findings], ["content-type"])
+        self.assertIn(b"--B--\r\nContent-Type: application/x-msdownload\r\n\r\nMZ\r\n", whole.output)
+        for cut in range(len(message) + 1):
+            self.assertEqual(inspect([message[:cut], message[cut:]]), whole, cut)
+            self.assertEqual(
+                inspect([message[:cut], message[cut:]], max_header_block=60),
+                inspect([message], max_header_block=60),
+                cut,
+            )
+        # byte by byte
+        self.assertEqual(inspect(split_at(message, range(len(message)))), whole)
+
     def test_tooManyFindings(self) -> None:
         """Findings are recorded up to L{MAX_FINDINGS}; stripping goes on."""
         part = lines("--B", "Content-Type: application/x-msdownload", "", "MZ")
@@ -555,6 +580,12 @@ class MalformedTests(SynchronousTestCase):
             inspect([message], max_header_block=len(block) - 1), f"a header block over {len(block) - 1} octets"
         )
 
+    def test_headerBlockLimitAtEnd(self) -> None:
+        """The limit holds for a header block that the end of the message ends."""
+        message = lines("Content-Type: multipart/mixed; boundary=B", "", "--B", "X: " + "a" * 150) + b"--" + b"x" * 100
+        self.assertMalformed(inspect([message], max_header_block=200), "a header block over 200 octets")
+        self.assertEqual(inspect([message], max_header_block=300).output, message)
+
     def test_partHeaderBlockLimit(self) -> None:
         """The limit holds for the header block of a part."""
         message = lines("Content-Type: multipart/mixed; boundary=B", "", "--B") + b"X: " + b"a" * 300
@@ -591,6 +622,19 @@ class MalformedTests(SynchronousTestCase):
         """An encoded message/rfc822 cannot be walked and is rejected."""
         message = lines("Content-Type: message/rfc822", "Content-Transfer-Encoding: base64", "", "RnJvbTogeA==")
         self.assertMalformed(inspect([message]), "a message/rfc822 part encoded base64")
+
+    def test_oversizedParameters(self) -> None:
+        """A Content-Type or Content-Disposition over 8192 characters or 100 parameters
+        is rejected (the stdlib's parsing of parameters is quadratic)."""
+        rule = "a Content-Type or Content-Disposition over 8192 characters or 100 parameters"
+        message = lines("Content-Disposition: attachment" + "; x=" + "y" * 8000, "", "x")
+        self.assertEqual(inspect([message]).findings, [])
+        message = lines("Content-Disposition: attachment" + "; x=" + "y" * 8200, "", "x")
+        self.assertMalformed(inspect([message]), rule)
+        message = lines("Content-Type: a/b" + "; x=y" * 100, "", "x")
+        self.assertEqual(inspect([message]).findings, [])
+        message = lines("Content-Type: a/b" + "; x=y" * 101, "", "x")
+        self.assertMalformed(inspect([message]), rule)
 
     def test_reusedBoundary(self) -> None:
         """An inner multipart reusing an enclosing boundary is rejected."""

@@ -25,8 +25,10 @@ The output is the input, octet for octet, unless something is stripped or tagged
     there is none).
   - what hides structure gives a finding of kind C{malformed} (action C{reject}): a
     header block over C{max_header_block} octets, more than C{max_depth} nested
-    multipart/C{message/rfc822} levels, conflicting C{Content-Type} fields, a boundary
-    over 256 octets or reused inside its own multipart, an encoded C{message/rfc822}.
+    multipart/C{message/rfc822} levels, conflicting C{Content-Type} fields, a
+    C{Content-Type} or C{Content-Disposition} over 8192 characters or 100 parameters
+    (the stdlib parses them in quadratic time), a boundary over 256
+    octets or reused inside its own multipart, an encoded C{message/rfc822}.
 
 Once C{rejected} is set, the output stops (the caller discards it).  The inspector
 holds one header block at most, plus a line (at most 1001 octets) that may be a
@@ -40,10 +42,19 @@ from __future__ import annotations
 
 import binascii
 import enum
+import re
 from dataclasses import dataclass
 
 from mailgw.config import InspectionProfile
-from mailgw.inspect.mimeparams import Entity, Field, decode_words, describe, split_fields
+from mailgw.inspect.mimeparams import (
+    MAX_PARAMETER_FIELD,
+    MAX_PARAMETERS,
+    Entity,
+    Field,
+    decode_words,
+    describe,
+    split_fields,
+)
 
 __all__ = ["Finding", "MimeInspector"]
 
@@ -158,6 +169,8 @@ class MimeInspector:
         self._head = _Head(0, False, "text/plain")
         self._head_pos = 0  # where the unexamined lines of the header block start
         self._levels: list[_Level] = []
+        self._dashes: tuple[bytes, ...] = ()
+        self._starts = re.compile(b"(?!)")  # where lines starting with one of _dashes are
         self._buf = bytearray()
         self._line_start = True  # _buf[0] starts a line
         self._out: list[bytes] = []
@@ -229,8 +242,12 @@ class MimeInspector:
         if not levels:
             self._release(len(buf))
             return False
+        dashes = tuple(level.dash for level in levels)
+        if dashes != self._dashes:
+            self._dashes = dashes
+            self._starts = re.compile(b"\n(?:" + b"|".join(re.escape(dash) for dash in dashes) + b")")
         limit = MAX_DELIMITER_LINE + 2  # the line, b"\r", b"\n"
-        at = 0 if self._line_start and buf.startswith(b"--") else self._candidate(0)
+        at = 0 if self._line_start and buf.startswith(dashes) else self._candidate(0)
         while at >= 0:
             eol = buf.find(b"\n", at, at + limit)
             if eol >= 0:
@@ -252,22 +269,20 @@ class MimeInspector:
                 self._boundary(*match)
                 return True
             at = self._candidate(at)
-        # keep what may be the start of a boundary line ("", b"-" after a line end)
+        # keep the last line if it may still become a boundary line
         last = buf.rfind(b"\n") + 1
-        keep = len(buf)
-        if not eof and len(buf) - last < 2 and bytes(buf[last:]) in (b"", b"-") and (last > 0 or self._line_start):
-            keep = last
-        if keep == len(buf):
-            self._release(keep)
-        else:
-            self._release(keep)
+        tail = bytes(buf[last:])
+        if not eof and (last > 0 or self._line_start) and any(dash.startswith(tail) for dash in dashes):
+            self._release(last)
             self._line_start = True
+        else:
+            self._release(len(buf))
         return False
 
     def _candidate(self, after: int) -> int:
-        """Where the next line starting with C{--} starts after C{after}, or -1."""
-        found = self._buf.find(b"\n--", after)
-        return found + 1 if found >= 0 else -1
+        """Where the next line starting with a boundary starts after C{after}, or -1."""
+        found = self._starts.search(self._buf, after)
+        return found.start() + 1 if found is not None else -1
 
     def _scan_head(self, eof: bool) -> bool:
         """Collect a header block; C{False} when more input is needed."""
@@ -368,6 +383,10 @@ class MimeInspector:
             if tag is not None:
                 fields = self._tagged(fields, tag, _newline(block + terminator))
                 self.changed = True
+        if entity.oversized:
+            what = f"{MAX_PARAMETER_FIELD} characters or {MAX_PARAMETERS} parameters"
+            self._malformed(f"a Content-Type or Content-Disposition over {what}", "")
+            return
         denied = self._denied(entity)
         if self._mode is _Mode.DONE:
             return

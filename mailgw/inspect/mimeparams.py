@@ -18,10 +18,24 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import collapse_rfc2231_value
 
-__all__ = ["Entity", "Field", "decode_words", "describe", "split_fields", "unfold"]
+__all__ = [
+    "MAX_PARAMETERS",
+    "MAX_PARAMETER_FIELD",
+    "Entity",
+    "Field",
+    "decode_words",
+    "describe",
+    "split_fields",
+    "unfold",
+]
 
 #: a field name: printable ASCII but the colon, then optional blanks before the colon
 _NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+#: the longest C{Content-Type}/C{Content-Disposition} value read (no mailer writes
+#: more than a few hundred characters; the stdlib's parameter parsing is quadratic)
+MAX_PARAMETER_FIELD = 8192
+#: the most parameters (semicolons) read in one such field
+MAX_PARAMETERS = 100
 #: the fields whose parameters may carry a file name
 _NAME_FIELDS = ("content-type", "content-disposition")
 _NAME_PARAMS = ("filename", "name")
@@ -58,6 +72,9 @@ class Entity:
     @ivar content_types: the raw values of all its C{Content-Type} fields.
     @ivar conflicting: its C{Content-Type} fields name different types (a recipient
         might follow another one than the inspector).
+    @ivar oversized: a C{Content-Type} or C{Content-Disposition} field is over
+        L{MAX_PARAMETER_FIELD} characters or L{MAX_PARAMETERS} parameters (and was not
+        read).
     @ivar boundary: the multipart boundary (C{None}: none, or not a multipart).
     @ivar encoding: the lower-cased C{Content-Transfer-Encoding} (C{""}: none).
     @ivar names: every file name claimed (C{filename}/C{name} of C{Content-Disposition}
@@ -68,6 +85,7 @@ class Entity:
     content_type: str
     content_types: tuple[str, ...]
     conflicting: bool
+    oversized: bool
     boundary: bytes | None
     encoding: str
     names: tuple[str, ...]
@@ -103,57 +121,62 @@ def decode_words(value: str) -> str:
         return value
 
 
-def _params(header: str, value: str) -> Message:
+def _params(header: str, value: str) -> dict[str, str]:
+    """The parameters of a field value (RFC 2231 decoded, continuations joined): the
+    first of each lower-cased name, and C{""} for the value itself."""
     message = Message()
     message[header] = value
-    return message
-
-
-def _param(message: Message, header: str, name: str) -> str | None:
+    params: dict[str, str] = {"": message.get_content_type() if header == "content-type" else ""}
     try:
-        raw = message.get_param(name, header=header)
-        if raw is None:
-            return None
-        return str(collapse_rfc2231_value(raw))  # type: ignore[arg-type]
+        found = message.get_params(header=header) or []
+        for name, raw in found[1:]:
+            if name.lower() not in params:
+                params[name.lower()] = str(collapse_rfc2231_value(raw))  # type: ignore[arg-type]
     except _EMAIL_ERRORS:
-        return None
+        pass
+    return params
 
 
 def describe(fields: list[Field], default_type: str) -> Entity:
     """What C{fields} (a header block) say about their entity (see L{Entity})."""
-    types = [f.value for f in fields if f.name == "content-type"]
+    types: list[str] = []
     encodings = [f.value for f in fields if f.name == "content-transfer-encoding"]
     content_type = default_type
     boundary: bytes | None = None
     kinds: set[str] = set()
-    for index, value in enumerate(types):
-        message = _params("content-type", value)
-        kind = message.get_content_type()
-        kinds.add(kind)
-        if index == 0:
-            # the stdlib falls back to text/plain for an invalid type
-            content_type = kind if "/" in value.partition(";")[0] else default_type
-            if content_type.startswith("multipart/"):
-                found = _param(message, "content-type", "boundary")
-                if found:
-                    boundary = found.encode("utf-8", "surrogateescape")
     names: list[str] = []
     raw_names: list[str] = []
+    oversized = False
     for field in fields:
-        if field.name in _NAME_FIELDS:
-            message = _params(field.name, field.value)
-            for param in _NAME_PARAMS:
-                raw = _param(message, field.name, param)
-                if raw is None or raw in raw_names:
-                    continue
-                raw_names.append(raw)
-                decoded = decode_words(raw)
-                if decoded not in names:
-                    names.append(decoded)
+        if field.name not in _NAME_FIELDS:
+            continue
+        value = field.value
+        if len(value) > MAX_PARAMETER_FIELD or value.count(";") > MAX_PARAMETERS:
+            oversized = True  # the stdlib's parameter parsing is quadratic
+            continue
+        params = _params(field.name, value)
+        if field.name == "content-type":
+            types.append(value)
+            kinds.add(params[""])
+            if len(types) == 1:
+                # the stdlib falls back to text/plain for an invalid type
+                content_type = params[""] if "/" in value.partition(";")[0] else default_type
+                found = params.get("boundary")
+                if content_type.startswith("multipart/") and found:
+                    boundary = found.encode("utf-8", "surrogateescape")
+        for param in _NAME_PARAMS:
+            raw = params.get(param)
+            if raw is None or raw in raw_names:
+                continue
+            raw_names.append(raw)
+            decoded = decode_words(raw)
+            if decoded not in names:
+                names.append(decoded)
     return Entity(
         content_type=content_type,
         content_types=tuple(types),
         conflicting=len(kinds) > 1,
+        oversized=oversized,
         boundary=boundary,
         encoding=encodings[0].lower() if encodings else "",
         names=tuple(names),
