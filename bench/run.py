@@ -47,6 +47,8 @@ from tests.servers.dovecot import BIG_MESSAGE_SIZE, Dovecot, big_message  # noqa
 
 USER = "bench"
 PASSWORD = "bench-password"  # noqa: S105 - a test account of the private Dovecot
+#: a user whose group policy names an inspection profile (clamd scanning) [4.9]
+INSPECTED_USER = "inspected"
 HOST = "127.0.0.1"
 MAIL_MODULE_CANDIDATES = ("/usr/lib/nginx/modules/ngx_mail_module.so", "/usr/share/nginx/modules/ngx_mail_module.so")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -383,11 +385,11 @@ def pop3_expect_ok(lines: Line) -> bytes:
     return reply
 
 
-def pop3_login(port: int, context: ssl.SSLContext) -> tuple[ssl.SSLSocket, Line]:
+def pop3_login(port: int, context: ssl.SSLContext, user: str = USER) -> tuple[ssl.SSLSocket, Line]:
     sock = tls_connect(port, context)
     lines = Line(sock)
     pop3_expect_ok(lines)
-    lines.send(f"USER {USER}")
+    lines.send(f"USER {user}")
     pop3_expect_ok(lines)
     lines.send(f"PASS {PASSWORD}")
     pop3_expect_ok(lines)
@@ -405,8 +407,8 @@ def pop3_session(port: int, context: ssl.SSLContext) -> None:
         sock.close()
 
 
-def pop3_retr(port: int, context: ssl.SSLContext, count: int) -> int:
-    sock, lines = pop3_login(port, context)
+def pop3_retr(port: int, context: ssl.SSLContext, count: int, user: str = USER) -> int:
+    sock, lines = pop3_login(port, context, user)
     received = 0
     try:
         for _ in range(count):
@@ -495,6 +497,25 @@ def measure(name: str, pid: int, pop3s: int, imaps: int, args: argparse.Namespac
     return result
 
 
+def measure_inspected(pid: int, clamd_pid: int, pop3s: int, args: argparse.Namespace) -> dict[str, Any]:
+    """CPU per MiB of RETR for a session whose policy inspects (clean mail, clamd
+    scanning): the gateway's own CPU and clamd's, apart."""
+    context = client_context()
+    pop3_retr(pop3s, context, 1, INSPECTED_USER)  # warm-up
+    log(f"mailgw (inspected): {args.retr} x RETR of the 10 MiB message")
+    before, before_clamd = cpu_seconds(pid), cpu_seconds(clamd_pid)
+    started = time.monotonic()
+    received = pop3_retr(pop3s, context, args.retr, INSPECTED_USER)
+    elapsed = time.monotonic() - started
+    time.sleep(0.3)
+    mib = received / (1024 * 1024)
+    return {
+        "cpu_ms_per_mib": (cpu_seconds(pid) - before) * 1000 / mib,
+        "clamd_cpu_ms_per_mib": (cpu_seconds(clamd_pid) - before_clamd) * 1000 / mib,
+        "relay_mib_per_second": mib / elapsed,
+    }
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -541,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         dovecot_dir.mkdir()
         dovecot = Dovecot(
             dovecot_dir,
-            users={USER: PASSWORD},
+            users={USER: PASSWORD, INSPECTED_USER: PASSWORD},
             extra_config=(
                 f"default_process_limit = {args.idle + 200}\n"
                 f"default_client_limit = {4 * args.idle + 1000}\n"
@@ -549,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         dovecot.deliver(USER, big_message())
+        dovecot.deliver(INSPECTED_USER, big_message())
         dovecot.start()
         started.append(dovecot)
         if pin and len(cpus) > 2:  # keep Dovecot off the proxies' and the client's CPUs
@@ -593,13 +615,27 @@ def main(argv: list[str] | None = None) -> int:
         # mailgw
         gw_dir = base / "mailgw"
         gw_dir.mkdir()
-        gateway = Gateway(gw_dir, TestPKI(gw_dir / "pki"), {USER: (PASSWORD, None)})
+        gateway = Gateway(
+            gw_dir, TestPKI(gw_dir / "pki"), {USER: (PASSWORD, None), INSPECTED_USER: (PASSWORD, "Inspected")}
+        )
+        clamd = None
+        if shutil.which("clamd") or Path("/usr/sbin/clamd").exists():
+            from tests.servers.clamd import Clamd
+
+            clamd = Clamd(base / "clamd")
+            clamd.start()
+            started.append(clamd)
+        else:
+            log("clamd missing (apt-get install clamav-daemon): no inspected scenario")
         started.append(("rmtree", gateway.socket_dir))
         data = gateway.config_data(
             {"default_server": {"host": HOST, "port": dovecot.pop3_port, "tls": "none"}},
             imap4s={"default_server": {"host": HOST, "port": dovecot.imap_port, "tls": "none"}},
         )
         data["group_policy"] = [{"name": "DfltGrpPolicy", "simultaneous_logins": args.idle + 100}]
+        if clamd is not None:
+            data["group_policy"].append({"name": "Inspected", "inspection": "bench"})
+            data["inspection"] = [{"name": "bench", "clamd": str(clamd.address)}]
         config_path = gateway.write_config(data)
         twistd = str(Path(sys.executable).parent / "twistd")
         mailgw = Managed(
@@ -615,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
 
         results["nginx"] = measure("nginx", nginx.pid, n_pop3s, n_imaps, args)
         results["mailgw"] = measure("mailgw", mailgw.pid, m_pop3s, m_imaps, args)
+        if clamd is not None and clamd.pid is not None:
+            results["mailgw_inspected"] = measure_inspected(mailgw.pid, clamd.pid, m_pop3s, args)
     finally:
         for item in reversed(started):
             try:
@@ -663,6 +701,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, pinned_cpus: bool)
         )
         return
     print(f"sessions={args.sessions} retr={args.retr} idle={args.idle} pinned={pinned_cpus}")
+    inspected = results.get("mailgw_inspected")
     print(f"TLS: mailgw {results['mailgw']['tls']}; nginx {results['nginx']['tls']}")
     header = f"{'metric':<42} {'mailgw':>10} {'nginx':>10} {'mailgw/nginx':>13}"
     print(header)
@@ -673,6 +712,15 @@ def report(results: dict[str, Any], args: argparse.Namespace, pinned_cpus: bool)
             f"{label:<42} {fmt.format(results['mailgw'][key]):>10} {fmt.format(results['nginx'][key]):>10} "
             f"{(f'{ratio:.2f}' if ratio is not None else 'n/a'):>13}"
         )
+    if inspected:
+        nginx_mib = results["nginx"]["cpu_ms_per_mib"]
+        for key, label in (
+            ("cpu_ms_per_mib", "inspected: proxy CPU ms per MiB (RETR)"),
+            ("clamd_cpu_ms_per_mib", "inspected: clamd CPU ms per MiB"),
+        ):
+            value = inspected[key]
+            ratio = value / nginx_mib if nginx_mib else None
+            print(f"{label:<42} {value:>10.3f} {nginx_mib:>10.3f} {(f'{ratio:.2f}' if ratio else 'n/a'):>13}")
 
 
 if __name__ == "__main__":

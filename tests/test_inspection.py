@@ -20,11 +20,12 @@ from twisted.trial.unittest import TestCase
 
 from mailgw.admin.output import format_status
 from tests.gateway import Gateway, deferLater, start_gateway
+from tests.rawclient import SMALL_BUFFER, RawClient
 from tests.servers.base import require_binary
 from tests.servers.clamd import EICAR, EICAR_SIGNATURE, Clamd
 from tests.servers.dovecot import Dovecot
 from tests.servers.pki import TestPKI
-from tests.test_integration_pop3 import in_thread
+from tests.test_integration_pop3 import in_thread, reading, relay_of, shrink_send_buffer, tcp_of, unstuff
 
 USERS = ("alice", "bob", "carol", "dave", "erin")
 MAIL_USERS = {name: f"{name}-mail" for name in USERS}
@@ -391,6 +392,43 @@ class MemoryAndSpoolTests(InspectionBase):
         self.assertLess(peak - before, 24 * 1024 * 1024, f"RSS grew by {(peak - before) / 2**20:.1f} MiB")
         self.assertEqual(modes, {0o600})
         self.assertEqual(list(spool.iterdir()), [])
+
+    async def test_slowClientFlowControl(self) -> None:
+        """A client that stops reading an inspected 10 MB RETR: the message is spooled
+        (the server is read to its end), then the replay stops with the client's buffer:
+        the gateway holds little in memory and no longer reads from the server; read
+        again, the message arrives byte-identical."""
+        big = big_message(10 * 1024 * 1024)
+        self.dovecot.deliver("alice", big)
+        port = self.gateway.port("pop3s")
+
+        def login() -> RawClient:
+            client = RawClient.open(port, self.context(), timeout=60, receive_buffer=SMALL_BUFFER)
+            client.read_line()
+            client.send(b"USER alice\r\nPASS alice-mail\r\n")
+            client.read_line()
+            client.read_line()
+            return client
+
+        client: RawClient = await in_thread(login)
+        self.addCleanup(client.close)
+        _, relay = relay_of(self.gateway, "pop3")
+        shrink_send_buffer(relay._client)
+        await in_thread(client.send, b"RETR 1\r\n")
+        await deferLater(3.0)
+        tcp = tcp_of(relay._client)
+        buffered = len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+        self.assertLess(buffered, 512 * 1024, "the replay ignores the client's full buffer")
+        self.assertFalse(reading(relay._server), "the gateway keeps reading from the server")
+        self.assertTrue(tcp_of(relay._server).connected)
+
+        def read_all() -> bytes:
+            client.read_line()
+            body = client.read_until(b"\r\n.\r\n")[: -len(b".\r\n")]
+            client.command(b"QUIT")
+            return unstuff(body)
+
+        self.assertEqual(await in_thread(read_all), big)
 
     async def test_leftoversRemovedAtStart(self) -> None:
         """Spool files a crashed gateway left are removed at the next start."""
