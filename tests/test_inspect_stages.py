@@ -170,6 +170,19 @@ class Pop3StageTests(StageBase):
         self.assertEqual([(where, type(v).__name__) for where, v in context.verdicts], [("RETR 1", "Passed")])
         self.assertEqual(list(self.folder.iterdir()), [])
 
+    def test_topInspectedNotPadded(self) -> None:
+        """TOP answers are inspected too (what they show of a denied attachment is
+        stripped), and never padded: their size is not the message's."""
+        stage, ends, context = self.make()
+        top = exe_message()
+        stage.from_client(b"TOP 1 200\r\n")
+        stage.from_server(b"+OK top of message follows\r\n" + dot_stuff(top))
+        out = b"".join(ends.client)
+        self.assertIn(b'"tool.exe"', out)
+        self.assertNotIn(b"TVqQAAMAAAAEAAAA", out)
+        self.assertFalse(out.endswith(b" \r\n.\r\n"))
+        self.assertEqual(context.verdicts[0][0], "TOP 1 200")
+
     def test_heldWhileJudged(self) -> None:
         """While the scanner has not answered, the server side is held and what it
         sent after the message waits; the verdict lets both go, in order."""
@@ -407,6 +420,18 @@ class SmtpStageTests(StageBase):
         self.assertEqual(ends.client, [])
         stage.from_server(b"250 2.0.0 Ok: queued\r\n")
         self.assertEqual(ends.client, [b"250 2.0.0 Ok: queued\r\n"])
+
+    def test_serverRefusesData(self) -> None:
+        """The server refusing the gateway's DATA: its reply is the client's answer,
+        the message is not sent, and the next command goes on."""
+        stage, ends, _ = self.make()
+        self.transaction(stage, ends)
+        stage.from_client(dot_stuff(MESSAGE) + b"RSET\r\n")
+        self.assertEqual(ends.server, [b"DATA\r\n"])
+        stage.from_server(b"554 5.5.1 No valid recipients\r\n")
+        self.assertEqual(ends.client, [b"554 5.5.1 No valid recipients\r\n"])
+        self.assertEqual(b"".join(ends.server), b"DATA\r\nRSET\r\n")
+        self.assertEqual(list(self.folder.iterdir()), [])
 
     def test_infectedNeverReachesServer(self) -> None:
         """An infected message: 550 5.7.1 naming the signature; the server gets RSET
