@@ -26,9 +26,28 @@ from mailgw.inspect.clamd import ClamdClient
 from mailgw.inspect.spool import Spool
 from mailgw.proxy.registry import SessionInfo
 from mailgw.proxy.relay import IRelayStage, IStageEnds, Sink
-from mailgw.wire.framing import DotStuffer
+from mailgw.wire.errors import ProtocolError
+from mailgw.wire.framing import (
+    DotStuffer,
+    ImapFramer,
+    ImapMessageStart,
+    MessageData,
+    MessageEnd,
+    Pop3Framer,
+    Pop3MessageStart,
+    Relay,
+)
 
-__all__ = ["CLIENT", "SERVER", "InspectingStage", "InspectionContext", "Output", "dot_stuffed", "raw"]
+__all__ = [
+    "CLIENT",
+    "SERVER",
+    "InspectingStage",
+    "InspectionContext",
+    "Output",
+    "ServerMessagesStage",
+    "dot_stuffed",
+    "raw",
+]
 
 CLIENT, SERVER = "client", "server"
 
@@ -271,6 +290,68 @@ class InspectingStage:
     def end(self, reason: str, goodbye: bytes) -> None:
         if self.ends is not None and not self.is_closed:
             self.ends.end(reason, goodbye)
+
+
+class ServerMessagesStage(InspectingStage):
+    """A stage for messages the server sends (POP3, IMAP): the client's stream goes
+    to the server (L{commands} sees it first), the server's through a framer whose
+    messages are judged one after the other; what follows a message waits for it."""
+
+    framer: Pop3Framer | ImapFramer
+
+    def __init__(self, context: InspectionContext, info: SessionInfo) -> None:
+        super().__init__(context, info)
+        self._busy = False
+        self._where = ""
+
+    def commands(self, data: bytes) -> bool:
+        """The client's bytes, before they go to the server; C{False} to stop them."""
+        return True
+
+    def from_client(self, data: bytes) -> None:
+        if self.commands(data):
+            self.to_server.write(data)
+
+    def from_server(self, data: bytes) -> None:
+        self.framer.append(data)
+        self.drain()
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        raise NotImplementedError
+
+    def message_started(self, event: Pop3MessageStart | ImapMessageStart) -> str:
+        """A message starts: make its check; returns the name it has in the log."""
+        raise NotImplementedError
+
+    def deliver(self, check: MessageCheck, verdict: Verdict) -> None:
+        """Write the message (or what stands for it), then call L{delivered}."""
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        framer = self.framer
+        while not self._busy and not self.is_closed:
+            try:
+                event = framer.next_event()
+            except ProtocolError as e:
+                self.protocol_error(e)
+                return
+            if event is None:
+                return
+            if isinstance(event, Relay):
+                self.to_client.write(event.data)
+            elif isinstance(event, MessageData):
+                assert self.check is not None
+                self.check.feed(event.data)
+            elif isinstance(event, MessageEnd):
+                self._busy = True
+                self.judge(SERVER, self._where, self.deliver)
+            else:
+                self._where = self.message_started(event)
+
+    def delivered(self) -> None:
+        self._busy = False
+        self.hold(SERVER, "verdict", False)
+        self.drain()
 
 
 def _release(verdict: Verdict) -> None:
