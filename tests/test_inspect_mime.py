@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from email.message import EmailMessage
 from typing import Any
 
 from hypothesis import given
@@ -498,6 +501,55 @@ class AttachmentTests(SynchronousTestCase):
             )
         # byte by byte
         self.assertEqual(inspect(split_at(message, range(len(message)))), whole)
+
+    def test_stdlibMessage(self) -> None:
+        """
+        A message written by the stdlib's C{email} package (alternative, attachments, a
+        forwarded message with a non-ASCII RFC 2231 name), CRLF or LF: unchanged when
+        nothing is denied; stripped, the stdlib reads the result with the notices.
+        """
+        inner = EmailMessage()
+        inner["Subject"] = "fwd"
+        inner.set_content("inner text")
+        inner.add_attachment(b"MZ\x90\x00" * 100, maintype="application", subtype="octet-stream", filename="tööl.exe")
+        outer = EmailMessage()
+        outer["Subject"] = "Grüße"
+        outer.set_content("Hello")
+        outer.add_alternative("<p>Hello</p>", subtype="html")
+        outer.add_attachment(b"MZ" * 1000, maintype="application", subtype="x-msdownload", filename="setup.bin")
+        outer.add_attachment(b"%PDF" * 100, maintype="application", subtype="pdf", filename="report.pdf")
+        outer.add_attachment(inner)
+        for linesep in ("\r\n", "\n"):
+            message = outer.as_bytes(policy=email.policy.default.clone(linesep=linesep))
+            self.assertEqual(inspect([message], PERMISSIVE).output, message)
+            result = inspect(split_at(message, range(0, len(message), 100)))
+            self.assertEqual(
+                [(f.kind, f.filename) for f in result.findings],
+                [("content-type", "setup.bin"), ("attachment", "tööl.exe")],
+            )
+            parsed = email.message_from_bytes(result.output, policy=email.policy.default)
+            parts = [(part.get_content_type(), part.get_filename()) for part in parsed.walk()]
+            self.assertEqual(
+                parts,
+                [
+                    *[("multipart/mixed", None), ("multipart/alternative", None)],
+                    *[
+                        ("text/plain", None),
+                        ("text/html", None),
+                        ("text/plain", None),
+                        ("application/pdf", "report.pdf"),
+                    ],
+                    *[("message/rfc822", None), ("multipart/mixed", None), ("text/plain", None), ("text/plain", None)],
+                ],
+            )
+            notices = [part.get_content() for part in parsed.walk() if "removed" in str(part.get_payload())]
+            self.assertEqual(
+                notices,
+                [
+                    'The attachment "setup.bin" was removed by the mail gateway (rule: application/x-msdownload).',
+                    'The attachment "tööl.exe" was removed by the mail gateway (rule: *.exe).',
+                ],
+            )
 
     def test_tooManyFindings(self) -> None:
         """Findings are recorded up to L{MAX_FINDINGS}; stripping goes on."""
