@@ -239,6 +239,11 @@ class GatewaysTests(TestCase):
             mails += self.deliver(10)
             await sleep(1.5)
         await self.until(lambda: len(self.sink.messages) >= 30 and self.remote_count() == 0, 3 * INTERVAL, "all 30")
+        await self.until(
+            lambda: poll_spans(self.child_messages(log)) and poll_spans(self.own_messages()),
+            3 * INTERVAL,
+            "a poll by each gateway",
+        )
         await b.stopService()
         assert child.transport is not None
         child.transport.signalProcess("TERM")
