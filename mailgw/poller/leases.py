@@ -21,7 +21,10 @@ confirmed, and when a renewal answers that another node holds the lease, or fail
 A lost lease stops the poll at once (L{AccountLease.on_lost}): an SMTP DATA under way
 is cut before its final dot (the SMTP server voids it, the journal goes back to
 "seen"), no further message is started, and the POP3 session ends with QUIT, which
-applies only the deletions of messages the journal records as delivered.  So no
+applies only the deletions of messages the journal records as delivered or dropped.
+A DATA whose final dot has gone out is left to finish: its "delivered" commit is what
+the next holder needs to read (cutting it would only turn it into a possible
+duplicate).  So no
 message is delivered by a gateway after the lease could have passed to another, and
 the delivery journal [6] keeps its exactly-once guarantee across a takeover: the new
 holder reads the journal its predecessor committed.  (A gateway frozen longer than
