@@ -239,11 +239,9 @@ class LeaseSchedulingTests(TestCase):
 class LostDuringDataTests(TestCase):
     """A real poll whose lease is lost while it relays a message."""
 
-    async def test_lostDuringData(self) -> None:
-        """The lease lost during the second message's DATA: that DATA is cut before
-        its final dot (nothing delivered, the journal back to "seen"), the third
-        message is not touched, and the session ends with QUIT, which applies the
-        first message's deletion; the report says why."""
+    async def lose_lease_at(self, point: str) -> tuple[PollReport, PollerSink, FakePop3Server, SQLiteState, int]:
+        """Poll three messages; the lease is lost (no renewal confirmed in time) when
+        the second message's delivery reaches C{point}."""
         folder = Path(self.mktemp()).absolute()
         folder.mkdir()
         clock = Clock()
@@ -256,12 +254,11 @@ class LostDuringDataTests(TestCase):
         pop3 = await FakePop3Server.listening(self, mails)
         seen = {"count": 0}
 
-        def fault(point: str) -> None:
-            if point == "during_data":
+        def fault(name: str) -> None:
+            if name == point:
                 seen["count"] += 1
                 if seen["count"] == 2:
-                    # No renewal confirmed in time: the deadline passes now.
-                    clock.advance(TIMING.duration)
+                    clock.advance(TIMING.duration)  # the deadline passes now
 
         service = PollerService(
             environment(folder, sink.host, sink.port, NODE),
@@ -274,16 +271,33 @@ class LostDuringDataTests(TestCase):
         )
         record = await service.accounts.add({**ACCOUNT, "host": "127.0.0.1", "port": pop3.port, "tls": "none"})
         report = await service.poll(record["id"])
+        return report, sink, pop3, state, record["id"]
+
+    async def assertStoppedAtSecond(self, point: str) -> None:
+        report, sink, pop3, state, account = await self.lose_lease_at(point)
         self.assertIn("lease", report.error or "")
         self.assertEqual(len(sink.messages), 1)
         self.assertIn(b"To: user0@example.com", sink.messages[0].data or b"")
         self.assertEqual(report.delivered, 1)
         self.assertIn("lease_lost", [s.kind for s in report.skipped])
-        journal = await state.journal(record["id"])
+        journal = await state.journal(account)
         self.assertEqual(journal["uid-1"].state, JournalState.DELIVERED)
         self.assertEqual(journal["uid-2"].state, JournalState.SEEN)
         self.assertEqual(journal["uid-3"].state, JournalState.SEEN)
+        self.assertIn(b"RETR 2", pop3.commands)
         self.assertNotIn(b"RETR 3", pop3.commands)
         self.assertEqual(pop3.commands[-1], b"QUIT")
         self.assertEqual(pop3.deleted, {1})
         self.assertEqual(await state.leases(), {})
+
+    async def test_lostDuringData(self) -> None:
+        """The lease lost during the second message's DATA: that DATA is cut before
+        its final dot (nothing delivered, the journal back to "seen"), the third
+        message is not touched, and the session ends with QUIT, which applies the
+        first message's deletion; the report says why."""
+        await self.assertStoppedAtSecond("during_data")
+
+    async def test_lostBeforeData(self) -> None:
+        """The lease lost once the second message is retrieved, before its DATA: it
+        is not delivered, and the poll stops as above."""
+        await self.assertStoppedAtSecond("after_retr")
