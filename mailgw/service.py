@@ -57,6 +57,7 @@ from mailgw.memory import LiveConnections
 from mailgw.metrics import Metrics, metrics_service
 from mailgw.poller.service import PollerService
 from mailgw.proxy.core import ProxySession
+from mailgw.proxy.directory import ISessionDirectory, LocalDirectory, SharedDirectory
 from mailgw.proxy.environment import ProxyEnvironment, ProxyFactory
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper, LoginFailed
 from mailgw.proxy.imap4 import IMAP4Session
@@ -246,8 +247,16 @@ class GatewayService(MultiService):
         # [state] takes effect at the next start.  Made before _apply, which may
         # make the SSO identity table that persists through it.
         self.state = open_state(config, reactor)
+        #: where logins count beyond this gateway: the shared database's directory [11]
+        self.directory: ISessionDirectory = (
+            SharedDirectory(self.state, self.registry, config.gateway.node_name, reactor)  # type: ignore[arg-type]
+            if config.state.backend == "postgresql"
+            else LocalDirectory()
+        )
         self._apply(config)
         StateService(self.state).setServiceParent(self)  # before the poller: closes after it
+        if isinstance(self.directory, SharedDirectory):
+            self.directory.setServiceParent(self)
         self.poller = PollerService(config, self.state, self.connector, reactor, metrics=self.metrics)
         self.poller.setServiceParent(self)
         self.admin_backend = GatewayAdminBackend(
@@ -400,6 +409,7 @@ class GatewayService(MultiService):
                 authorizers=authorizers,
                 limits={name: limit for name, limit in limits.items() if name not in self_limited},
                 identities=self.identities,
+                directory=self.directory,
             )
             acct = accounting.get(proxy.accounting_server_group) if proxy.accounting_server_group else None
             # A new environment: listeners hand it to new sessions; established

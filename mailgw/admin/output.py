@@ -255,23 +255,26 @@ def format_sessions(sessions: Sequence[Mapping[str, Any]]) -> str:
     """The text form of C{mailgwctl sessions}."""
     if not sessions:
         return "no sessions\n"
+    # Gateways sharing a database list each other's sessions: then a NODE column.
+    nodes = len({s.get("node") for s in sessions}) > 1
     rows = [
         (
             s["session_id"],
+            *((s.get("node"),) if nodes else ()),
             s["protocol"],
             s["state"],
             s.get("user") or s.get("mail_user"),
             s["client"],
             s.get("upstream"),
-            format_duration(float(s.get("age", 0))),
-            format_duration(float(s.get("idle", 0))),
-            format_bytes(int(s.get("bytes_from_client", 0))),
-            format_bytes(int(s.get("bytes_to_client", 0))),
+            format_duration(float(s.get("age") or 0)),
+            format_duration(float(s["idle"])) if s.get("idle") is not None else "-",
+            format_bytes(int(s.get("bytes_from_client", 0))) if "bytes_from_client" in s else "-",
+            format_bytes(int(s.get("bytes_to_client", 0))) if "bytes_to_client" in s else "-",
         )
         for s in sessions
     ]
-    headers = ("ID", "PROTOCOL", "STATE", "USER", "CLIENT", "UPSTREAM", "AGE", "IDLE", "IN", "OUT")
-    return format_table(headers, rows)
+    headers = ("ID", *(("NODE",) if nodes else ()), "PROTOCOL", "STATE", "USER", "CLIENT", "UPSTREAM", "AGE", "IDLE")
+    return format_table((*headers, "IN", "OUT"), rows)
 
 
 _ACCOUNT_COLUMNS = (

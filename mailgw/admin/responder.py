@@ -18,7 +18,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from twisted.cred.credentials import UsernamePassword
@@ -69,10 +69,12 @@ from mailgw.config import (
     RadiusGroup,
     SSOConfig,
 )
+from mailgw.proxy.directory import ISessionDirectory, LocalDirectory
 from mailgw.proxy.registry import SessionInfo, SessionState
 from mailgw.sso.identity import Identity, IdentitySource, IdentityTable
 from mailgw.sso.monitor import Pop3Monitor, replay_in_thread
 from mailgw.sso.pcapfile import CaptureFileError
+from mailgw.state.directory import DirectorySession
 
 if TYPE_CHECKING:
     from mailgw.service import GatewayService
@@ -107,11 +109,13 @@ class IAdminBackend(Interface):
         """Version, uptime, listeners, sessions by protocol and state, AAA groups,
         poller and SSO summary."""
 
-    def sessions(protocol: str | None) -> list[JSONObject]:  # noqa: N805
-        """The live sessions, oldest first, of one protocol or all."""
+    def sessions(protocol: str | None) -> list[JSONObject] | defer.Deferred[list[JSONObject]]:  # noqa: N805
+        """The live sessions, oldest first, of one protocol or all (with gateways
+        sharing a database: every gateway's, each with its C{node})."""
 
-    def kill(session_id: str) -> JSONObject:  # noqa: N805
-        """Close a session; return it as it was.  Raises L{NoSuchSession}."""
+    def kill(session_id: str) -> JSONObject | defer.Deferred[JSONObject]:  # noqa: N805
+        """Close a session (on whichever gateway holds it); return it as it was.
+        Raises (or fails with) L{NoSuchSession}."""
 
     def reload() -> defer.Deferred[list[str]]:
         """Reload the configuration; fires with the problems (empty when applied).
@@ -178,14 +182,18 @@ class AdminResponder(amp.CommandLocator):
         return {"status": scrub(self.backend.status())}
 
     @Sessions.responder
-    def sessions(self, protocol: str | None = None) -> JSONObject:
-        return {"sessions": scrub(self.backend.sessions(protocol or None))}
+    def sessions(self, protocol: str | None = None) -> defer.Deferred[JSONObject]:
+        return _deferred(self.backend.sessions(protocol or None)).addCallback(
+            lambda sessions: {"sessions": scrub(sessions)}
+        )
 
     @Kill.responder
-    def kill(self, session_id: str) -> JSONObject:
-        session = self.backend.kill(session_id)
-        self.log.info("Session {session_id} killed from the admin channel", session_id=session_id)
-        return {"session": scrub(session)}
+    def kill(self, session_id: str) -> defer.Deferred[JSONObject]:
+        def killed(session: JSONObject) -> JSONObject:
+            self.log.info("Session {session_id} killed from the admin channel", session_id=session_id)
+            return {"session": scrub(session)}
+
+        return _deferred(self.backend.kill(session_id)).addCallback(killed)
 
     @Reload.responder
     def reload(self) -> defer.Deferred[JSONObject]:
@@ -294,6 +302,33 @@ class PollerAdmin(Protocol):
     def delete(self, account_id: str) -> Any: ...
 
     def check_now(self, account_id: str) -> Any: ...
+
+
+_T = TypeVar("_T")
+
+
+def _deferred(result: _T | defer.Deferred[_T]) -> defer.Deferred[_T]:
+    return result if isinstance(result, defer.Deferred) else defer.succeed(result)
+
+
+def _remote_session(session: DirectorySession, now: float) -> JSONObject:
+    """Another gateway's session as C{sessions} shows it (its idleness is not known)."""
+    return {
+        "session_id": session.session_id,
+        "protocol": session.protocol,
+        "client": session.client,
+        "state": "authenticated",
+        "user": session.user,
+        "mail_user": session.mail_user,
+        "group_policy": session.group_policy,
+        "upstream": session.upstream,
+        "login": session.login_id,
+        "started": session.started,
+        "last_activity": None,
+        "age": max(0.0, now - session.started),
+        "idle": None,
+        "node": session.node,
+    }
 
 
 @implementer(IRealm)
@@ -421,19 +456,40 @@ class GatewayAdminBackend:
             "entries": sum(1 for identity in table if identity.expires > now),
         }
 
-    def sessions(self, protocol: str | None) -> list[JSONObject]:
+    def sessions(self, protocol: str | None) -> list[JSONObject] | defer.Deferred[list[JSONObject]]:
         wanted = session_protocol(protocol) if protocol else None
         now = self.clock.seconds()
-        return [self._session(info, now) for info in self.gateway.registry.sessions(wanted)]
+        node = self.gateway.config.gateway.node_name
+        local = [{**self._session(info, now), "node": node} for info in self.gateway.registry.sessions(wanted)]
+        directory: ISessionDirectory | None = getattr(self.gateway, "directory", None)
+        if directory is None or isinstance(directory, LocalDirectory):
+            return local
+
+        def merged(others: list[DirectorySession]) -> list[JSONObject]:
+            remote = [_remote_session(s, now) for s in others if wanted is None or s.protocol == wanted]
+            return sorted(local + remote, key=lambda s: float(s["started"]))  # type: ignore[arg-type]
+
+        return directory.sessions().addCallback(merged)
 
     @staticmethod
     def _session(info: SessionInfo, now: float) -> JSONObject:
         return {**info.as_dict(), "age": max(0.0, now - info.started), "idle": max(0.0, now - info.last_activity)}
 
-    def kill(self, session_id: str) -> JSONObject:
+    def kill(self, session_id: str) -> JSONObject | defer.Deferred[JSONObject]:
         info = self.gateway.registry.get(session_id)
         if info is None:
-            raise NoSuchSession(f"no session {session_id!r}")
+            directory: ISessionDirectory | None = getattr(self.gateway, "directory", None)
+            if directory is None or isinstance(directory, LocalDirectory):
+                raise NoSuchSession(f"no session {session_id!r}")
+            now = self.clock.seconds()
+
+            def asked(found: DirectorySession | None) -> JSONObject:
+                if found is None:
+                    raise NoSuchSession(f"no session {session_id!r} on any gateway")
+                return _remote_session(found, now)
+
+            asking: defer.Deferred[JSONObject] = directory.kill(session_id).addCallback(asked)
+            return asking
         answer = self._session(info, self.clock.seconds())
         info.owner.terminate("killed by the administrator")
         return answer

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from mailgw.auth.radius import AccountingSession, TerminateCause
 from mailgw.config import GroupPolicy
+from mailgw.proxy.directory import DirectoryUnavailable
 from mailgw.proxy.environment import InputBuffer, ProxyEnvironment
 from mailgw.proxy.gatekeeper import LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionState
@@ -242,6 +243,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         """The session no longer counts anywhere (registry, metrics, limits) [4.1]."""
         if self._in_registry and self.info is not None:
             self._in_registry = False
+            self.env.gatekeeper.directory.withdraw(self.info)
             self.info.closing = True
             self.env.registry.close(self.info)
             if self.env.metrics is not None:
@@ -475,6 +477,17 @@ class ProxySession(Protocol, metaclass=ABCMeta):
                 _abort_upstream(upstream)
                 self._login_failed(e)
                 return
+        try:
+            # Counted beyond this gateway too (other gateways sharing the database) [11].
+            await env.gatekeeper.directory.claim(info, identity.policy.simultaneous_logins)
+        except DirectoryUnavailable as e:
+            _abort_upstream(upstream)
+            env.registry.release_login(info)
+            self._login_failed(LoginFailed(str(e), temporary=True))
+            return
+        if self._closing:
+            _abort_upstream(upstream)
+            return
         self._pending = None
         if penalty is not None:
             penalty.succeeded(self.client_ip)

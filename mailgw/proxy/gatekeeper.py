@@ -27,6 +27,7 @@ from mailgw.auth.portal import (
 )
 from mailgw.auth.radius import TerminateCause
 from mailgw.config import GroupPolicy, ProxyConfig
+from mailgw.proxy.directory import ISessionDirectory, LocalDirectory
 from mailgw.proxy.registry import LoginRefused, SessionInfo, SessionRegistry
 from mailgw.sso.identity import IdentityTable
 from mailgw.upstream import UpstreamTarget
@@ -78,8 +79,11 @@ class Gatekeeper:
         authorizers: Mapping[str, Authorizer] | None = None,
         limits: Mapping[str, PendingLimit] | None = None,
         identities: IdentityTable | None = None,
+        directory: ISessionDirectory | None = None,
     ) -> None:
         self.proxy = proxy
+        #: where logins are counted beyond this gateway [11]
+        self.directory: ISessionDirectory = directory if directory is not None else LocalDirectory()
         #: the SSO identity table, for the piggyback method [4.3]
         self._identities = identities
         self._authorizers = authorizers or {}

@@ -270,6 +270,10 @@ class SessionRegistry:
         ordered = sorted(logins.values(), key=idleness)
         return [s for sessions in ordered[:excess] for s in sorted(sessions, key=lambda s: s.serial)]
 
+    def login_count(self, user: str) -> int:
+        """How many logins (client address and protocol) VPN user C{user} has here."""
+        return len({(s.client_ip, s.protocol) for s in self._by_user.get(user, ()) if not s.closing})
+
     def release_login(self, info: SessionInfo) -> None:
         """Undo L{claim_login} (the mailhost login failed afterwards)."""
         self.set_state(info, SessionState.UNAUTHENTICATED)

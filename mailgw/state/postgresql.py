@@ -64,6 +64,7 @@ from mailgw.state import (
     Lease,
     StateError,
 )
+from mailgw.state.directory import DIRECTORY_SCHEMA
 from mailgw.state.dsn import DSNError, describe_dsn, dsn_parameters
 
 __all__ = [
@@ -178,9 +179,16 @@ def _migration_3(db: Connection) -> None:
     )
 
 
+def _migration_4(db: Connection) -> None:
+    """The session directory of gateways sharing the database [11]: each gateway's
+    heartbeat, its logged-in sessions, and the log-offs asked of it."""
+    for statement in DIRECTORY_SCHEMA:
+        db.execute(statement)
+
+
 #: the schema migrations, in order: C{MIGRATIONS[n]} takes version C{n} to C{n + 1}
 #: (the same versions as SQLite's)
-MIGRATIONS: Sequence[Migration] = (_migration_1, _migration_2, _migration_3)
+MIGRATIONS: Sequence[Migration] = (_migration_1, _migration_2, _migration_3, _migration_4)
 #: the schema version this release writes
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -295,6 +303,11 @@ class PostgreSQLState:
             d.addTimeout(self.call_timeout, self._clock)
             d.addErrback(self._timed_out)
         return d
+
+    def transaction(self, f: Callable[[Connection], T]) -> defer.Deferred[T]:
+        """Run C{f(connection)} in one transaction in a pool thread (for the modules that
+        keep their own tables in this database, like the session directory)."""
+        return self._call(f)
 
     def _timed_out(self, failure: Failure) -> Failure:
         failure.trap(defer.TimeoutError)

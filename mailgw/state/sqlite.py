@@ -42,6 +42,7 @@ from mailgw.state import (
     Lease,
     StateError,
 )
+from mailgw.state.directory import DIRECTORY_SCHEMA
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteState"]
 
@@ -128,8 +129,15 @@ def _migration_3(db: sqlite3.Connection) -> None:
     )
 
 
+def _migration_4(db: sqlite3.Connection) -> None:
+    """The session directory [11]: the same tables as PostgreSQL's (schema versions are
+    the same in both backends), unused by a single gateway."""
+    for statement in DIRECTORY_SCHEMA:
+        db.execute(statement.replace("TIMESTAMPTZ", "REAL").replace("DOUBLE PRECISION", "REAL"))
+
+
 #: the schema migrations, in order: C{MIGRATIONS[n]} takes version C{n} to C{n + 1}
-MIGRATIONS: Sequence[Migration] = (_migration_1, _migration_2, _migration_3)
+MIGRATIONS: Sequence[Migration] = (_migration_1, _migration_2, _migration_3, _migration_4)
 #: the schema version this release writes
 SCHEMA_VERSION = len(MIGRATIONS)
 

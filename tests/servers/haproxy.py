@@ -10,7 +10,8 @@ front of several gateways [11].
     )
 
 Each backend gets a frontend on a free ``127.0.0.1`` port (:attr:`HAProxy.ports`, by the
-backend's name) that forwards in TCP mode, TLS included, to that one address.  The
+backend's name) that forwards in TCP mode, TLS included, to that address, or round robin
+to each of a list of addresses (several gateways: ``backends={"pop3s": [a, b]}``).  The
 instance runs ``haproxy -db -f <base_dir>/haproxy.cfg`` in the foreground from generated
 configuration (no daemon, no master process, no chroot, no user switch, no stats
 socket), logs its connections (``option tcplog``) to stdout, which goes to
@@ -24,7 +25,7 @@ Debian package: ``haproxy``.  Missing, the tests that need it skip (or fail with
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from tests.servers.base import LOOPBACK, ServerProcess, free_ports, require_binary
@@ -57,7 +58,7 @@ class HAProxy(ServerProcess):
         self,
         base_dir: str | os.PathLike[str] | None = None,
         *,
-        backends: Mapping[str, tuple[str, int]],
+        backends: Mapping[str, tuple[str, int] | Sequence[tuple[str, int]]],
         proxy_protocol: str = "v2",
         host: str = LOOPBACK,
         startup_timeout: float = 15.0,
@@ -70,7 +71,11 @@ class HAProxy(ServerProcess):
                 raise ValueError(f"backend name {backend!r}: use lower-case letters, digits, '-' and '_'")
         if proxy_protocol not in ("v2", "v1", ""):
             raise ValueError(f"proxy_protocol {proxy_protocol!r}: use 'v2', 'v1' or ''")
-        self.backends: dict[str, tuple[str, int]] = dict(backends)
+        #: name -> the servers it balances over (round robin), one or more
+        self.backends: dict[str, list[tuple[str, int]]] = {
+            name: [servers] if isinstance(servers[0], str) else list(servers)  # type: ignore[list-item,arg-type]
+            for name, servers in backends.items()
+        }
         self.proxy_protocol = proxy_protocol
         self.ports: dict[str, int] = {}
         super().__init__(base_dir, host=host, startup_timeout=startup_timeout, stop_timeout=stop_timeout)
@@ -111,15 +116,18 @@ class HAProxy(ServerProcess):
             "    timeout client 120s",
             "    timeout server 120s",
         ]
-        for backend, (host, port) in self.backends.items():
-            address = f"[{host}]" if ":" in host else host
+        for backend, servers in self.backends.items():
             lines += [
                 f"frontend fe_{backend}",
                 f"    bind {self.host}:{self.ports[backend]}",
                 f"    default_backend be_{backend}",
                 f"backend be_{backend}",
-                f"    server {backend} {address}:{port}{send}",
+                "    balance roundrobin",
             ]
+            for index, (host, port) in enumerate(servers):
+                address = f"[{host}]" if ":" in host else host
+                name = backend if len(servers) == 1 else f"{backend}_{index + 1}"
+                lines.append(f"    server {name} {address}:{port}{send}")
         return "\n".join(lines) + "\n"
 
 
