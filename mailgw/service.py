@@ -249,7 +249,9 @@ class GatewayService(MultiService):
         self.state = open_state(config, reactor)
         #: where logins count beyond this gateway: the shared database's directory [11]
         self.directory: ISessionDirectory = (
-            SharedDirectory(self.state, self.registry, config.gateway.node_name, reactor)  # type: ignore[arg-type]
+            SharedDirectory(
+                self.state, self.registry, config.gateway.node_name, reactor, penalty=self.penalty  # type: ignore[arg-type]
+            )
             if config.state.backend == "postgresql"
             else LocalDirectory()
         )

@@ -186,6 +186,33 @@ class ScaleOutTests(TestCase):
         for c in (first, second):
             c.sock.close()
 
+    async def test_penaltyAcrossGateways(self) -> None:
+        """Three wrong passwords from one address at gw-a: that address waits 4 s
+        before its next attempt at gw-b too [4.10]; another address does not."""
+        a = start_gateway(self, self.pki, VPN_USERS, self.pop3s(), **self.sections("gw-a", balanced=False))
+        b = start_gateway(self, self.pki, VPN_USERS, self.pop3s(), **self.sections("gw-b", balanced=False))
+
+        def attempt(port: int, source: str, password: str) -> float:
+            kind: type[FromClientAddress] = type("Client", (FromClientAddress,), {"source": source})
+            client = kind("127.0.0.1", port, context=self.context(), timeout=30)
+            started = time.monotonic()
+            try:
+                client.user("alice")
+                client.pass_(password)
+            except poplib.error_proto:
+                pass
+            finally:
+                client.sock.close()
+            return time.monotonic() - started
+
+        for _ in range(3):
+            await in_thread(attempt, a.port("pop3s"), "127.0.0.9", "wrong")
+        await deferLater(0.5)  # the failures are written asynchronously
+        elsewhere = await in_thread(attempt, b.port("pop3s"), "127.0.0.9", "alice-mail")
+        self.assertGreaterEqual(elsewhere, 3.5)
+        other = await in_thread(attempt, b.port("pop3s"), "127.0.0.10", "alice-mail")
+        self.assertLess(other, 1.5)
+
     async def test_databaseDown(self) -> None:
         """PostgreSQL stopped: a login answers -ERR [SYS/TEMP] within 10 s; back, logins
         work again within 40 s without restarting the gateway."""

@@ -141,7 +141,16 @@ class PenaltyTable:
         while now - stamps[0] >= self.window:
             # Not empty: _expire left it, so its newest stamp still counts.
             stamps.popleft()
-        return float(min(self.max_delay, 2.0 ** (len(stamps) - 1)))
+        return self.delay_for(len(stamps))
+
+    @property
+    def keep(self) -> int:
+        """The most failures of an address that can still raise its delay."""
+        return self._keep
+
+    def delay_for(self, failures: int) -> float:
+        """The delay of an address with C{failures} counting failures."""
+        return 0.0 if failures <= 0 else float(min(self.max_delay, 2.0 ** (failures - 1)))
 
     def __len__(self) -> int:
         """

@@ -448,6 +448,8 @@ class ProxySession(Protocol, metaclass=ABCMeta):
             # Guessing costs the guesser: a penalised address waits before any AAA
             # work is done for it [4.10].
             delay = penalty.delay(self.client_ip)
+            # The failures other gateways saw count too [4.10, 11].
+            delay = max(delay, await env.gatekeeper.directory.delay(self.client_ip))
             if delay > 0:
                 await task.deferLater(env.clock, delay, lambda: None)  # type: ignore[arg-type]
         try:
@@ -491,6 +493,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self._pending = None
         if penalty is not None:
             penalty.succeeded(self.client_ip)
+            env.gatekeeper.directory.succeeded(self.client_ip)
         sso = env.sso_inline
         if sso is not None and env.identities is not None:
             mac = env.neighbours.mac_of(self.client_ip) if env.neighbours is not None else None
@@ -547,6 +550,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         else:
             if self.env.penalty is not None:
                 self.env.penalty.failed(self.client_ip)
+                self.env.gatekeeper.directory.failed(self.client_ip)
             self._failure_timer = self.env.clock.callLater(
                 self.env.failure_delay, self._answer_after_failure, self.answer_auth_failed()
             )

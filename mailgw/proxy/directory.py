@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from mailgw.auth.limits import PenaltyTable
 from mailgw.auth.radius import TerminateCause
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.state import StateError
@@ -75,6 +76,15 @@ class ISessionDirectory(Interface):
         """Ask the gateway holding C{session_id} (not this one) to log it off; fires
         with it, or C{None} when no live gateway holds it."""
 
+    def failed(ip: str) -> None:  # noqa: N805
+        """A login from C{ip} failed (the failure penalty [4.10], across gateways)."""
+
+    def succeeded(ip: str) -> None:  # noqa: N805
+        """A login from C{ip} succeeded: its failures are forgotten everywhere."""
+
+    def delay(ip: str) -> defer.Deferred[float]:  # noqa: N805
+        """The penalty of C{ip} by the failures every gateway saw (0 when unknown)."""
+
 
 @implementer(ISessionDirectory)
 class LocalDirectory:
@@ -91,6 +101,15 @@ class LocalDirectory:
 
     def kill(self, session_id: str) -> defer.Deferred[DirectorySession | None]:
         return defer.succeed(None)
+
+    def failed(self, ip: str) -> None:
+        pass
+
+    def succeeded(self, ip: str) -> None:
+        pass
+
+    def delay(self, ip: str) -> defer.Deferred[float]:
+        return defer.succeed(0.0)
 
 
 def _logins(sessions: Sequence[DirectorySession]) -> list[list[DirectorySession]]:
@@ -120,6 +139,7 @@ class SharedDirectory(MultiService):
         node: str,
         clock: IReactorTime,
         *,
+        penalty: PenaltyTable | None = None,
         heartbeat_interval: float | None = None,
         stale_after: float | None = None,
         poll_interval: float | None = None,
@@ -136,6 +156,8 @@ class SharedDirectory(MultiService):
         if poll_interval is not None:
             self.poll_interval = poll_interval
         self._failing = False
+        #: the local table's rules (window, cap) apply to the shared failures too
+        self._penalty = penalty if penalty is not None else PenaltyTable(clock)
         for interval, call in ((self.heartbeat_interval, self._beat), (self.poll_interval, self._poll)):
             timer = TimerService(interval, call)
             timer.clock = clock
@@ -172,6 +194,24 @@ class SharedDirectory(MultiService):
             return None
 
         return self._store.transaction(find).addErrback(self._unavailable)
+
+    def failed(self, ip: str) -> None:
+        window, keep = self._penalty.window, self._penalty.keep
+        self._store.transaction(lambda db: sql.record_failure(db, ip, window, keep)).addErrback(lambda _: None)
+
+    def succeeded(self, ip: str) -> None:
+        self._store.transaction(lambda db: sql.forget_failures(db, ip)).addErrback(lambda _: None)
+
+    def delay(self, ip: str) -> defer.Deferred[float]:
+        window = self._penalty.window
+
+        def delay(count: int) -> float:
+            return self._penalty.delay_for(count)
+
+        d = self._store.transaction(lambda db: sql.count_failures(db, ip, window))
+        # The database away: the local table's penalty still applies (the login's
+        # claim will answer the temporary failure).
+        return d.addCallbacks(delay, lambda _: 0.0)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -216,9 +256,14 @@ class SharedDirectory(MultiService):
         ]
 
     def _beat(self) -> defer.Deferred[None]:
-        node, held = self.node, self._held()
-        # Also the reset at start: rows an earlier run of this node left are not held.
-        d = self._store.transaction(lambda db: sql.heartbeat(db, node, held))
+        node, held, window = self.node, self._held(), self._penalty.window
+
+        def beat(db: Any) -> None:
+            # Also the reset at start: rows an earlier run of this node left are not held.
+            sql.heartbeat(db, node, held)
+            sql.prune_failures(db, window)
+
+        d = self._store.transaction(beat)
 
         def done(_: object) -> None:
             if self._failing:

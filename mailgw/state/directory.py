@@ -22,8 +22,12 @@ __all__ = [
     "DIRECTORY_SCHEMA",
     "DirectorySession",
     "claim",
+    "count_failures",
+    "forget_failures",
     "heartbeat",
     "live_sessions",
+    "prune_failures",
+    "record_failure",
     "request_kill",
     "take_kills",
     "withdraw",
@@ -54,6 +58,13 @@ DIRECTORY_SCHEMA = (
     )
     """,
     "CREATE INDEX gateway_sessions_user ON gateway_sessions (username)",
+    """
+    CREATE TABLE gateway_failures (
+        ip TEXT NOT NULL,
+        at TIMESTAMPTZ NOT NULL
+    )
+    """,
+    "CREATE INDEX gateway_failures_ip ON gateway_failures (ip, at)",
     """
     CREATE TABLE gateway_kills (
         node TEXT NOT NULL,
@@ -153,3 +164,34 @@ def take_kills(db: Any, node: str) -> list[tuple[str, str]]:
     """The log-offs asked of C{node} (session id, reason), taken (deleted)."""
     rows = db.execute("DELETE FROM gateway_kills WHERE node = %s RETURNING session_id, reason", (node,)).fetchall()
     return [(row[0], row[1]) for row in rows]
+
+
+# -- the failure penalty across gateways [4.10] ------------------------------------------
+
+
+def record_failure(db: Any, ip: str, window: float, keep: int) -> None:
+    """A failed login from C{ip}; the address keeps at most its C{keep} newest
+    failures of the last C{window} seconds (older ones cannot raise the delay)."""
+    db.execute("INSERT INTO gateway_failures (ip, at) VALUES (%s, now())", (ip,))
+    db.execute(
+        "DELETE FROM gateway_failures WHERE ip = %s AND (at <= now() - %s * interval '1 second' OR at < ("
+        "SELECT min(at) FROM (SELECT at FROM gateway_failures WHERE ip = %s ORDER BY at DESC LIMIT %s) newest))",
+        (ip, float(window), ip, keep),
+    )
+
+
+def count_failures(db: Any, ip: str, window: float) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM gateway_failures WHERE ip = %s AND at > now() - %s * interval '1 second'",
+        (ip, float(window)),
+    ).fetchone()
+    return int(row[0])
+
+
+def forget_failures(db: Any, ip: str) -> None:
+    db.execute("DELETE FROM gateway_failures WHERE ip = %s", (ip,))
+
+
+def prune_failures(db: Any, window: float) -> None:
+    """Every address's failures older than C{window} go (with the heartbeat)."""
+    db.execute("DELETE FROM gateway_failures WHERE at <= now() - %s * interval '1 second'", (float(window),))
