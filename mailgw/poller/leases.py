@@ -1,17 +1,44 @@
-"""Poller account leases [11]: one gateway at a time polls an account.
+"""Poller account leases [11]: one gateway at a time polls an account, about once per
+interval across all the gateways.
 
 Gateways sharing one state database (PostgreSQL) each run a poller over the same
 accounts.  Before polling an account a poller takes the account's lease in the store
-(L{mailgw.state.IStateStore.lease_acquire}) under its node name; it renews the lease
-while the poll runs and releases it when the poll ends, so that the next round goes to
-whichever gateway comes first.  A poller that finds the lease held by another node
-does not poll and tries again a little later (L{LeaseTiming.retry}).
+(L{mailgw.state.IStateStore.lease_acquire}) under its node name and renews it while the
+poll runs.  A poller that finds the lease held by another node does not poll.
 
-Timing (L{LeaseTiming.for_interval}): a lease lasts half the account's interval (at
-least L{MIN_DURATION} seconds) and is renewed every quarter of that.  When a gateway
-dies holding a lease, the lease runs out at most one duration after its last renewal,
-and the other gateways, which try again every C{interval - duration} seconds while
-they find it held, take the account over within one interval of the death.
+One poll per interval, not one per gateway.  Every gateway keeps its own schedule, so
+if the lease were released when a poll ends, the next gateway due would take it at
+once and each account would be polled about N times per interval by N gateways (each
+poll exclusive, but N times the logins at the remote server).  So a poll that ends
+normally does not release its lease: it I{keeps} it (L{AccountLease.keep}), renewed
+once to run out L{LeaseTiming.slack} seconds after this gateway's next poll of the
+account is due (one interval, +-10 %, after the poll ended).  When that poll comes the
+same node's C{lease_acquire} succeeds (it renews the lease it holds) and the lease is
+renewed as usual while it runs.  A gateway refused the lease reads when it runs out
+(L{mailgw.state.Lease.expires}, from the lease table) and tries again just after
+(L{LeaseTiming.refused_retry}: up to half a slack later), not sooner.  So with a live
+holder the others are refused once or twice per interval and never poll, and when the
+holder dies (between polls or during one) its lease runs out by itself and the account
+is polled by another gateway at most about 1.5 slack after it was due (during a poll,
+within one lease duration of the last renewal, as before).  The lease table's times
+are on the store's clock, the retry on the gateway's: clocks out of step (no NTP) only
+delay a takeover, by the difference, never beyond one interval and two slacks.
+
+The lease is released for real (L{AccountLease.release}) when this gateway will not
+poll the account next: the service stops (its running polls end, then every kept lease
+is released) or the poller is turned off, the account is disabled or deleted, the
+lease was lost during the poll (another node may hold it), and the poll failed for a
+reason that belongs to this gateway (its password key cannot decrypt the account, or
+an internal error), so that another gateway may try at its next attempt.  A poll that
+fails for the remote side (connection, login, POP3 errors) or the SMTP relay keeps the
+lease like a successful one: retrying at every gateway would multiply the failed logins
+the remote server sees, and those failures are the same from any gateway.
+
+Timing while a poll runs (L{LeaseTiming.for_interval}): a lease lasts half the
+account's interval (at least L{MIN_DURATION} seconds) and is renewed every quarter of
+that.  When a gateway dies holding a lease during a poll, the lease runs out at most
+one duration after its last renewal, and the other gateways, which try again when
+they saw it would run out, take the account over within one interval of the death.
 
 Safety.  The store's clock decides when a lease runs out; the poller's own clock only
 ever shortens it: a renewal sent at local time I{t} for I{d} seconds makes the store
@@ -27,9 +54,11 @@ the next holder needs to read (cutting it would only turn it into a possible
 duplicate).  So no
 message is delivered by a gateway after the lease could have passed to another, and
 the delivery journal [6] keeps its exactly-once guarantee across a takeover: the new
-holder reads the journal its predecessor committed.  (A gateway frozen longer than
-the margin between its check and its next write, with no fencing in POP3 or SMTP, is
-the limit of any lease scheme.)
+holder reads the journal its predecessor committed.  A kept lease changes none of
+this: between polls nothing is delivered, and the next poll starts by taking the lease
+again (a kept lease that ran out meanwhile may have gone to another node).  (A gateway
+frozen longer than the margin between its check and its next write, with no fencing in
+POP3 or SMTP, is the limit of any lease scheme.)
 """
 
 from __future__ import annotations
@@ -63,13 +92,32 @@ class LeaseTiming:
     @ivar renew_every: the time between renewals while a poll runs.
     @ivar margin: the lease counts as lost this long before it would run out
         unrenewed (from the sending of the last confirmed renewal).
-    @ivar retry: the wait before trying again when another node holds the lease.
+    @ivar retry: the wait before trying again when another node holds the lease and
+        its end is not known (the lease table could not be read).
+    @ivar slack: how long a kept lease outlasts the holder's next due poll (for that
+        poll to take it again before it runs out), and the most the other nodes wait
+        past its end (half of it) before trying again.
     """
 
     duration: float
     renew_every: float
     margin: float
     retry: float
+    slack: float = MIN_DURATION
+
+    def kept_for(self, delay: float) -> float:
+        """What a lease is renewed for when a poll ends and the next is due in
+        C{delay} seconds."""
+        return delay + self.slack
+
+    def refused_retry(self, remaining: float | None, interval: float, jitter: float) -> float:
+        """When to try again after a refusal: C{jitter} (0 to 1) of half a slack after
+        the lease runs out (C{remaining} seconds from now by the lease table, C{None}
+        if unknown: then after L{retry}), at most one interval and two slacks away."""
+        if remaining is None:
+            return self.retry * (0.9 + 0.1 * jitter)
+        longest = interval * 1.1 + 2 * self.slack
+        return min(max(0.0, remaining) + self.slack * (0.1 + 0.4 * jitter), longest)
 
     @classmethod
     def for_interval(cls, interval: float) -> LeaseTiming:
@@ -82,6 +130,7 @@ class LeaseTiming:
             renew_every=duration / 4,
             margin=duration / 3,
             retry=max(MIN_DURATION, interval - duration),
+            slack=min(MIN_DURATION, interval / 4),
         )
 
 
@@ -100,7 +149,8 @@ class AccountLease:
     """The lease of one account for one poll by one node.
 
     L{acquire} takes it; from then on it is renewed every C{timing.renew_every}
-    seconds until L{release}.  It is lost (L{lost} set, L{on_lost} callbacks called)
+    seconds until L{release} (given up) or L{keep} (renewed once more, for the node's
+    next poll of the account, and no longer renewed).  It is lost (L{lost} set, L{on_lost} callbacks called)
     when a renewal answers that the node no longer holds it, when a renewal fails, or
     when no renewal was confirmed in time.
 
@@ -169,6 +219,38 @@ class AccountLease:
         self.timing = timing
         if self._renewal is not None:
             self._arm_renewal()
+
+    async def keep(self, duration: float) -> bool:
+        """Stop renewing and renew the lease once for C{duration} seconds, to be
+        taken again by this node's next poll (see the module docstring); fires with
+        whether the store confirmed it (never fails: a lease that cannot be kept runs
+        out by itself, and another node may take it).  A lost lease is not kept."""
+        self._released = True
+        self._cancel()
+        if self.lease is None or self._lost is not None:
+            return False
+        try:
+            lease = await self.store.lease_renew(self.account_id, self.node, duration)
+        except StateError as e:
+            self.log.warn(
+                "Account {account}: cannot keep the lease of {node} ({reason}); it runs out by itself",
+                account=self.account_id,
+                node=self.node,
+                reason=str(e),
+                kind="lease_keep_failed",
+            )
+            return False
+        if lease is None:
+            return False
+        self.lease = lease
+        self.log.debug(
+            "Account {account}: lease kept by {node} for {duration} s, until its next poll",
+            account=self.account_id,
+            node=self.node,
+            duration=duration,
+            kind="lease_kept",
+        )
+        return True
 
     async def release(self) -> None:
         """Stop renewing and give the lease up (never fails: a lease that cannot be

@@ -7,6 +7,13 @@ interval (+-10 %) after the previous poll ended.  One poll per account runs at a
 a check-now (or a timer) that finds a poll running joins it and gets its report.  At
 most C{max_concurrent} polls run together.
 
+Gateways sharing the state database [11]: each poll holds the account's lease
+(L{mailgw.poller.leases}); a poll that ends keeps it until this gateway's next poll of
+the account is due, and a gateway refused the lease tries again when it runs out, so
+that an account is polled about once per interval whatever the number of gateways.
+Kept leases are released when the service stops, the poller is turned off, or the
+account is disabled or deleted.
+
 Counters per account (L{AccountMetrics}) are plain objects for the admin status and
 the metrics endpoint; when a L{PollerMetricsSink} (L{mailgw.metrics.Metrics}) is given,
 delivered and deleted counts are also added to its series.
@@ -42,6 +49,8 @@ __all__ = ["AccountMetrics", "PollerDisabled", "PollerMetricsSink", "PollerServi
 
 #: the longest wait for the first poll of an account after start-up or a change
 FIRST_POLL_WINDOW = 60.0
+#: how the error of a poll that failed on a bug begins (its lease is released)
+INTERNAL_ERROR = "internal error: "
 
 
 class PollerDisabled(NotAvailable):
@@ -208,6 +217,8 @@ class PollerService(Service):
         self._intervals: dict[int, int] = {}
         #: the node that held the lease of an account at this gateway's last attempt
         self._refused_by: dict[int, str] = {}
+        #: the accounts whose lease this node kept after a poll, for its next one
+        self._kept: set[int] = set()
         self._stopping = False
         self._started: defer.Deferred[None] | None = None
         #: per-account counters (account id → metrics)
@@ -234,6 +245,7 @@ class PollerService(Service):
         self.accounts.default_interval = config.poller.default_interval
         if was_enabled and not self.enabled:
             self._cancel_timers()
+            self._release_kept()
             self.log.info("Remote POP poller disabled by the new configuration")
         elif self.enabled and not was_enabled and self.running and not self._stopping:
             self._started = defer.Deferred.fromCoroutine(self._schedule_all())
@@ -275,16 +287,48 @@ class PollerService(Service):
         if self._started is not None and not self._started.called:
             self._started.cancel()
         running = [r.deferred for r in self._running.values() if r.deferred is not None]
-        if not running:
-            return
-        # Polls stop after their current message; past the time limit they are
-        # cancelled (the journal keeps them safe).
-        waiting: defer.Deferred[Any] = defer.DeferredList(running, consumeErrors=True)
-        waiting.addTimeout(self.stop_timeout, self.clock)
-        try:
-            await waiting
-        except defer.TimeoutError:
-            self.log.warn("Remote POP polls still running after {seconds} s: cancelled", seconds=self.stop_timeout)
+        if running:
+            # Polls stop after their current message (and release their lease); past
+            # the time limit they are cancelled (the journal keeps them safe).
+            waiting: defer.Deferred[Any] = defer.DeferredList(running, consumeErrors=True)
+            waiting.addTimeout(self.stop_timeout, self.clock)
+            try:
+                await waiting
+            except defer.TimeoutError:
+                self.log.warn("Remote POP polls still running after {seconds} s: cancelled", seconds=self.stop_timeout)
+        # The leases kept for the next polls: another gateway takes the accounts over
+        # at its next attempt rather than when they would have run out.
+        await self._release_kept()
+
+    def _release_kept(self) -> defer.Deferred[None]:
+        """Release the leases this node kept for its next polls (those of accounts
+        being polled are the polls' to release or keep)."""
+        accounts = [account_id for account_id in self._kept if account_id not in self._running]
+        self._kept.difference_update(accounts)
+        d = defer.Deferred.fromCoroutine(self._release_leases(accounts))
+        d.addErrback(lambda f: self.log.failure("Cannot release the kept leases", f))
+        return d
+
+    async def _release_leases(self, accounts: list[int]) -> None:
+        node = self.settings.node_name
+        for account_id in accounts:
+            try:
+                await self.state.lease_release(account_id, node)
+            except StateError as e:
+                self.log.warn(
+                    "Account {account}: cannot release the lease of {node} ({reason}); it runs out by itself",
+                    account=account_id,
+                    node=node,
+                    reason=str(e),
+                    kind="lease_release_failed",
+                )
+            else:
+                self.log.debug(
+                    "Account {account}: lease released by {node}",
+                    account=account_id,
+                    node=node,
+                    kind="lease_released",
+                )
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -319,6 +363,7 @@ class PollerService(Service):
             self.last_reports.pop(account_id, None)
             self._intervals.pop(account_id, None)
             self._refused_by.pop(account_id, None)
+            self._kept.discard(account_id)  # deleting the account deleted its lease
             if self.metrics_sink is not None:
                 self.metrics_sink.forget_account(str(account_id))
             return
@@ -327,10 +372,18 @@ class PollerService(Service):
             timer = self._timers.pop(account_id, None)
             if timer is not None and timer.active():
                 timer.cancel()
+            if account_id in self._kept:
+                await self._release_kept_lease(account_id)
             return
         if account_id not in self._running:
             interval = record.interval or self.config.default_interval
             self._schedule(account_id, self._random.uniform(0, min(interval, FIRST_POLL_WINDOW) / 6))
+
+    async def _release_kept_lease(self, account_id: int) -> None:
+        if account_id in self._running:
+            return
+        self._kept.discard(account_id)
+        await self._release_leases([account_id])
 
     # -- polls --------------------------------------------------------------------------------
 
@@ -391,10 +444,13 @@ class PollerService(Service):
             self._semaphore.release()
 
     async def _leased_poll(self, account_id: int, progress: Callable[[PollReport], None] | None) -> PollReport:
-        """Take the account's lease [11], poll, release it.  The lease is asked for
+        """Take the account's lease [11], poll, then keep the lease until this
+        gateway's next poll of the account (L{_end_lease}).  The lease is asked for
         together with the account (one round trip, not two), for the duration of the
         interval last read; the timing is corrected once the account is read."""
         node = self.settings.node_name
+        # A lease kept for this poll is taken again below; from now on it is the poll's.
+        self._kept.discard(account_id)
         interval = self._intervals.get(account_id) or self.config.default_interval
         lease = AccountLease(self.state, account_id, node, self.lease_timing(interval), self.clock)
         acquiring = defer.Deferred.fromCoroutine(lease.acquire())
@@ -420,7 +476,7 @@ class PollerService(Service):
             return self._unavailable(account_id, interval, held, record.enabled)
         timing = self.lease_timing(interval)
         if held is None:
-            return await self._refused(record, timing)
+            return await self._refused(record, interval, timing)
         lease.retime(timing)
         previous = self._refused_by.pop(account_id, None)
         if previous is not None and previous != node:
@@ -432,6 +488,7 @@ class PollerService(Service):
                 kind="lease_taken_over",
             )
         self._leases[account_id] = lease
+        local_failure = False
         try:
             try:
                 password = self.accounts.password(record)
@@ -439,17 +496,43 @@ class PollerService(Service):
                 now = self.clock.seconds()
                 report = PollReport(account_id, started=now, finished=now, error=str(e))
                 self.log.error("Account {account}: {reason}", account=account_id, reason=report.error)
+                local_failure = True
             else:
                 report = await self.poll_runner(
                     record, password, progress, lambda: self._stopping or lease.lost is not None
                 )
-        finally:
+                local_failure = (report.error or "").startswith(INTERNAL_ERROR)
+        except BaseException:
             del self._leases[account_id]
             await lease.release()
+            raise
+        del self._leases[account_id]
         self._record(report)
+        await self._end_lease(record, interval, timing, lease, local_failure)
+        return report
+
+    async def _end_lease(
+        self, record: AccountRecord, interval: int, timing: LeaseTiming, lease: AccountLease, local_failure: bool
+    ) -> None:
+        """The poll ended: schedule the next one and keep the lease until slightly
+        after it is due, so that the other gateways leave the account alone until
+        then; release it instead when this gateway will not poll the account next
+        (stopping, account disabled, the lease lost) or when the poll failed for a
+        reason of this gateway's own (another gateway may do better)."""
+        account_id = record.id
         if record.enabled:
             self._schedule(account_id, interval * self._random.uniform(0.9, 1.1))
-        return report
+        timer = self._timers.get(account_id)
+        if timer is None or not timer.active() or lease.lost is not None or local_failure:
+            await lease.release()
+            return
+        delay = timer.getTime() - self.clock.seconds()
+        if await lease.keep(timing.kept_for(delay)):
+            if self._stopping or self._timers.get(account_id) is not timer or not timer.active():
+                # Stopped or unscheduled while the store answered: give it up after all.
+                await lease.release()
+            else:
+                self._kept.add(account_id)
 
     def _unavailable(self, account_id: int, interval: int, error: StateError, enabled: bool = True) -> PollReport:
         """The state database failed the lease or the account: skip this round."""
@@ -468,14 +551,20 @@ class PollerService(Service):
             self._schedule(account_id, interval * self._random.uniform(0.9, 1.1))
         return report
 
-    async def _refused(self, record: AccountRecord, timing: LeaseTiming) -> PollReport:
-        """Another node holds the lease: no poll (nothing counted); try again after
-        C{timing.retry}, so that the account is taken over within one interval if that
-        node is dead."""
+    async def _refused(self, record: AccountRecord, interval: int, timing: LeaseTiming) -> PollReport:
+        """Another node holds the lease: no poll (nothing counted); try again just
+        after the lease runs out by the lease table (L{LeaseTiming.refused_retry};
+        after C{timing.retry} if the table cannot be read), so that the account is
+        taken over a few seconds after it was due if that node is dead, and left to
+        it if it is alive (it takes its lease again before it runs out)."""
+        self._kept.discard(record.id)
         try:
             holder = (await self.state.leases()).get(record.id)
         except StateError:
             holder = None
+        # The lease table's times are on the store's clock: with clocks in step (NTP)
+        # the difference is when the lease runs out from now.
+        remaining = holder.expires - self.clock.seconds() if holder is not None else None
         node = holder.node if holder is not None else "another gateway"
         self._refused_by[record.id] = node
         self.log.debug(
@@ -487,7 +576,7 @@ class PollerService(Service):
         )
         now = self.clock.seconds()
         if record.enabled:
-            self._schedule(record.id, timing.retry * self._random.uniform(0.9, 1.0))
+            self._schedule(record.id, timing.refused_retry(remaining, interval, self._random.random()))
         return PollReport(record.id, started=now, finished=now, error=f"being polled by {node} (it holds the lease)")
 
     async def _run_poll(
@@ -517,7 +606,7 @@ class PollerService(Service):
         except Exception as e:  # noqa: BLE001 - outermost boundary of a poll: log it, keep the poller alive
             self.log.failure("Poll of account {account} failed", account=record.id)
             report = poll.report
-            report.error = f"internal error: {type(e).__name__}"
+            report.error = f"{INTERNAL_ERROR}{type(e).__name__}"
             report.finished = self.clock.seconds()
             return report
 
