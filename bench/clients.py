@@ -184,6 +184,7 @@ class LoadResult:
     elapsed: float = 0.0
     cpu: float = 0.0
     first_error: str = ""
+    latencies: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,8 +206,10 @@ def run_load(task: LoadTask) -> LoadResult:
         saved: ssl.SSLSession | None = None
         count = sessions = errors = resumed = 0
         first_error = ""
+        latencies: list[float] = []
         position = task.offset + index
         while time.monotonic() < deadline:
+            begun = time.monotonic()
             account = task.accounts[position % len(task.accounts)]
             position += task.threads * 997  # spread the accounts over the threads
             count += 1
@@ -221,11 +224,13 @@ def run_load(task: LoadTask) -> LoadResult:
                 finally:
                     sock.close()
                 sessions += 1
+                latencies.append(time.monotonic() - begun)
             except (OSError, RuntimeError, ConnectionError) as error:
                 errors += 1
                 first_error = first_error or repr(error)[:300]
                 time.sleep(0.01)
         with lock:
+            result.latencies += latencies
             result.sessions += sessions
             result.errors += errors
             result.resumed += resumed
@@ -321,21 +326,34 @@ def transfer(protocol: str, port: int, account: Account, count: int) -> int:
 # -- idle sessions ------------------------------------------------------------------------
 
 
-def hold_idle(connection: multiprocessing.connection.Connection, port: int, account: Account, count: int) -> None:
-    """Run in a client process: log ``count`` IMAPS sessions in, report, wait, close."""
+def hold_idle(
+    connection: multiprocessing.connection.Connection, port: int, account: Account, count: int, threads: int = 8
+) -> None:
+    """Run in a client process: log ``count`` IMAPS sessions in (``threads`` at a
+    time), report, wait for a word, close them."""
     context = client_context()
     socks: list[ssl.SSLSocket] = []
-    errors = 0
-    first_error = ""
-    for _ in range(count):
-        try:
-            sock = tls_connect(port, context)
-            imap_login(sock, account)
-            socks.append(sock)
-        except (OSError, RuntimeError, ConnectionError) as error:
-            errors += 1
-            first_error = first_error or repr(error)[:300]
-    connection.send({"opened": len(socks), "errors": errors, "first_error": first_error})
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def opener(share: int) -> None:
+        for _ in range(share):
+            try:
+                sock = tls_connect(port, context)
+                imap_login(sock, account)
+                with lock:
+                    socks.append(sock)
+            except (OSError, RuntimeError, ConnectionError) as error:
+                with lock:
+                    errors.append(repr(error)[:300])
+
+    shares = [count // threads + (1 if i < count % threads else 0) for i in range(threads)]
+    workers = [threading.Thread(target=opener, args=(share,)) for share in shares if share]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    connection.send({"opened": len(socks), "errors": len(errors), "first_error": errors[0] if errors else ""})
     connection.recv()
     for sock in socks:
         try:

@@ -38,7 +38,7 @@ def left(bench: Bench) -> int:
     return sum(1 for sub in ("new", "cur") for _ in (maildir / sub).iterdir())
 
 
-def run_mailgw(bench: Bench, base: Path, sink: SmtpSink, cpu: int | None) -> dict[str, Any]:
+def run_mailgw(bench: Bench, base: Path, sink: SmtpSink, cpu: int | None, spy: Path | None) -> dict[str, Any]:
     folder = base / "poller-mailgw"
     folder.mkdir(exist_ok=True)
     secret = folder / "password"
@@ -48,10 +48,14 @@ def run_mailgw(bench: Bench, base: Path, sink: SmtpSink, cpu: int | None) -> dic
     argv += ["--smtp", f"{sink.host}:{sink.port}", "--port", str(bench.stack.dovecot.pop3s_port)]
     argv += ["--ca", bench.stack.cert, "--user", POLLER_USER, "--password-file", str(secret)]
     argv += ["--log", str(folder / "poller.log")]
+    if spy is not None:
+        from bench.profile import record_argv
+
+        argv = record_argv(spy) + argv
     result = subprocess.run(pinned(argv, cpu), cwd=REPO, capture_output=True, text=True, timeout=900, check=False)  # noqa: S603
     if result.returncode != 0:
         raise RuntimeError(f"the mailgw poll failed ({result.returncode}): {result.stderr[-2000:]}")
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    outcome = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
     report = outcome["report"]
     if report.get("error"):
         log(f"mailgw poll error: {report['error']}")
@@ -92,7 +96,8 @@ def run_fetchmail(bench: Bench, base: Path, sink: SmtpSink, cpu: int | None, bin
     return {"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime}
 
 
-def run(bench: Bench, base: Path, cpu: int | None) -> None:
+def run(bench: Bench, base: Path, cpu: int | None, profile: Path | None = None) -> None:
+    """``profile``: also one poll under py-spy (not counted), its stacks in that folder."""
     count = bench.args.messages
     fetchmail = shutil.which("fetchmail")
     if fetchmail is None:
@@ -103,7 +108,7 @@ def run(bench: Bench, base: Path, cpu: int | None) -> None:
             log(f"poller run {run_index + 1}: mailgw, {count} messages")
             fill(bench, count)
             sink.messages.clear()
-            result = run_mailgw(bench, base, sink, cpu)
+            result = run_mailgw(bench, base, sink, cpu, None)
             result["sink_received"] = len(sink.messages)
             result["left_on_server"] = left(bench)
             bench.add("poller", "mailgw", result)
@@ -126,5 +131,16 @@ def run(bench: Bench, base: Path, cpu: int | None) -> None:
                     "left_on_server": left(bench),
                 },
             )
+        if profile is not None:
+            from bench.profile import summarize
+
+            profile.mkdir(parents=True, exist_ok=True)
+            stacks = profile / "mailgw-poller.txt"
+            log(f"profile: py-spy on mailgw's poller, {count} messages -> {stacks}")
+            fill(bench, count)
+            sink.messages.clear()
+            outcome = run_mailgw(bench, base, sink, cpu, stacks)
+            header = f"mailgw poller: {outcome['cpu_ms_per_message']:.3f} ms CPU/message while sampled"
+            (profile / "mailgw-poller.summary.txt").write_text(header + "\n" + summarize(stacks) + "\n")
     finally:
         sink.stop()

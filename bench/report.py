@@ -40,7 +40,9 @@ INFO_ROWS: tuple[tuple[str, str, str], ...] = (
     ("proxy_cores", "server CPU used (cores of 1)", "{:.2f}"),
     ("backend_cpu_ms_per_session", "Dovecot behind it, CPU ms/session", "{:.3f}"),
     ("auth_cpu_ms_per_session", "auth_http responder CPU ms/session", "{:.3f}"),
-    ("errors", "failed sessions (sum)", "{:.0f}"),
+    ("latency_ms_p50", "session latency p50 ms", "{:.0f}"),
+    ("latency_ms_p95", "session latency p95 ms", "{:.0f}"),
+    ("errors", "failed sessions", "{:.0f}"),
 )
 
 

@@ -83,7 +83,10 @@ class Bench:
             first = next(o.first_error for o in outcomes if o.first_error)
             log(f"{server} {protocol}: {errors} failed sessions, first: {first}")
         n = max(sessions, 1)
+        latencies = sorted(x for o in outcomes for x in o.latencies) or [0.0]
         result: dict[str, Any] = {
+            "latency_ms_p50": latencies[len(latencies) // 2] * 1000,
+            "latency_ms_p95": latencies[int(len(latencies) * 0.95)] * 1000,
             "sessions": sessions,
             "errors": errors,
             "seconds": elapsed,
@@ -196,6 +199,31 @@ class Bench:
                 },
             )
 
+    # -- profile -------------------------------------------------------------------------
+
+    def profile(self, folder: Path) -> None:
+        """py-spy on mailgw under the rate scenarios (not counted in the results)."""
+        from bench import profile
+
+        folder.mkdir(parents=True, exist_ok=True)
+        loads: list[tuple[str, str, list[clients.Account], bool]] = [
+            ("rate-pop3s", "pop3", [(USER, PASSWORD)], False),
+            ("rate-imaps", "imap", [(USER, PASSWORD)], False),
+            ("resume-pop3s", "pop3", [(USER, PASSWORD)], True),
+        ]
+        if self.stack.accounts:
+            loads.append(("bcrypt-pop3s", "pop3", sorted(self.stack.accounts.items()), False))
+        for name, protocol, accounts, resume in loads:
+            stacks = folder / f"mailgw-{name}.txt"
+            log(f"profile: py-spy on mailgw under {name} -> {stacks}")
+            spy = profile.attach(self.stack.pid("mailgw"), self.args.seconds + 1, stacks)
+            time.sleep(0.5)
+            outcome = self.load("mailgw", protocol, self.args.seconds, accounts, resume)
+            spy.wait(timeout=60)
+            summary = profile.summarize(stacks) if stacks.exists() else "py-spy wrote nothing"
+            header = f"mailgw under {name}: {outcome['cpu_ms_per_session']:.3f} ms CPU/session while sampled"
+            (folder / f"mailgw-{name}.summary.txt").write_text(header + "\n" + summary + "\n")
+
     # -- idle ----------------------------------------------------------------------------
 
     def idle(self) -> None:
@@ -226,7 +254,8 @@ class Bench:
                     opened += status["opened"]
                     errors += status["errors"]
                     if status["first_error"]:
-                        log(f"idle {server}: {status['first_error']}")
+                        log(f"idle {server}: {status['errors']} failed, first: {status['first_error']}")
+                log(f"idle {server}: {opened} sessions open")
                 time.sleep(1.5)
                 after = pss_kib(pid)
                 for _, parent in holders:
@@ -253,7 +282,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per scenario; figures are medians (default 3)")
     parser.add_argument("--quick", action="store_true", help="a short smoke configuration (1 run, small counts)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each rate measurement (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before the rate runs (default 1 s)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up before the rate runs (default 3 s)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--client-processes", type=int, default=4, help="load generator processes (default 4)")
     parser.add_argument("--users", type=int, default=users.COUNT, help="cost-12 users of the bcrypt scenario")
@@ -261,6 +290,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retr", type=int, default=5, help="10 MiB transfers per RETR/FETCH run (default 5)")
     parser.add_argument("--idle", type=int, default=5000, help="idle IMAPS sessions (default 5000)")
     parser.add_argument("--messages", type=int, default=2000, help="messages of the poller mailbox (default 2000)")
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR", help="also py-spy mailgw under the load (stacks in DIR)"
+    )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument(
         "--json", nargs="?", const="-", default=None, metavar="PATH", help="write the results as JSON (no PATH: stdout)"
@@ -326,11 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             "transfer": f"{args.retr} x {BIG_MESSAGE_SIZE} bytes per run, one session",
             "idle": f"{args.idle} idle authenticated IMAPS sessions, proxy restarted before each run",
             "bcrypt": f"{args.users} users, bcrypt cost {users.COST}, cycled",
-            "machine": f"{os.cpu_count()} CPUs, {os.uname().release}; shared with other work: see README",
+            "machine": f"{os.cpu_count()} CPUs, {os.uname().release}",
+            "load_average_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         }
         log(f"conditions: {conditions}")
         bench = Bench(args, stack, pool)
         for scenario in args.only:
+            if args.json and args.json != "-" and bench.results:  # what is done so far, in case of a crash
+                report.write_json(args.json + ".partial", {"conditions": conditions, "runs": bench.results})
             if scenario == "rate":
                 bench.rate(resume=False)
             elif scenario == "resume":
@@ -346,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             elif scenario == "poller":
                 from bench import poller
 
-                poller.run(bench, base, proxy_cpu)
+                poller.run(bench, base, proxy_cpu, args.profile)
+        if args.profile is not None:
+            bench.profile(args.profile)
     finally:
         pool.terminate()
         pool.join()
@@ -354,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
         shutil.rmtree(base, ignore_errors=True)
 
+    conditions["load_average_at_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results = bench.results if bench else {}
     summary = report.medians(results)
     print(report.table(summary, conditions))

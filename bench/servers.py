@@ -176,7 +176,7 @@ def dovecot_extra_config(idle: int) -> str:
         "  service_count = 0\n  process_min_avail = 1\n  process_limit = 1\n"
         f"  client_limit = {clients}\n  vsz_limit = 1G\n"
     )
-    mail = "  service_count = 100\n  process_min_avail = 4\n"
+    mail = f"  service_count = 100\n  process_min_avail = 4\n  process_limit = {idle + 300}\n"
     return (
         f"default_process_limit = {idle + 300}\n"
         f"default_client_limit = {clients}\n"
@@ -185,9 +185,15 @@ def dovecot_extra_config(idle: int) -> str:
         f"service pop3-login {{\n{login}}}\n"
         # Reuse mail processes (Dovecot's performance tuning advice) instead of one
         # fork+exec per session, and cache passdb/userdb lookups.
-        f"service imap {{\n{mail}}}\n"
+        # imap: up to 50 sessions per process (Dovecot's advice is 1 for busy mailboxes;
+        # these are idle, and forking thousands of processes is what slows the idle runs)
+        f"service imap {{\n  service_count = 0\n  client_limit = 50\n  process_min_avail = 4\n"
+        f"  process_limit = {idle // 10 + 300}\n}}\n"
         f"service pop3 {{\n{mail}}}\n"
         "auth_cache_size = 1M\n"
+        # thousands of idle sessions of one user from 127.0.0.1
+        f"protocol imap {{\n  mail_max_userip_connections = {idle + 1000}\n}}\n"
+        f"protocol pop3 {{\n  mail_max_userip_connections = {idle + 1000}\n}}\n"
     )
 
 
