@@ -74,7 +74,12 @@ def serve(port: int, ports: dict[str, int], hashes: dict[str, str]) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((HOST, port), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        # socketserver's default listen backlog is 5: nginx's bursts of auth requests
+        # overflowed it and waited for SYN retransmits (1 s).
+        request_queue_size = 1024
+
+    server = Server((HOST, port), Handler)
     server.daemon_threads = True
     server.serve_forever()
 

@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             else "not pinned",
             "tls": {s: clients.tls_description(stack.ports[s].pop3s) for s in ALL_SERVERS},
             "workers": "nginx worker_processes 1; mailgw workers = 1; Dovecot 1 login process per service "
-            "(service_count 0) + 1 mail process per session",
+            "(service_count 0), pop3 processes reused (service_count 100), imap up to 50 sessions per process",
             "load": f"{args.clients} concurrent clients in {args.client_processes} processes (threads), "
             f"{args.seconds:g} s per measurement, {args.runs} runs, medians",
             "transfer": f"{args.retr} x {BIG_MESSAGE_SIZE} bytes per run, one session",
