@@ -36,5 +36,10 @@ lint: venv
 	$(VENV)/bin/ruff check mailgw tests twisted bench
 	$(VENV)/bin/mypy
 
+# e.g. make bench BENCH_ARGS='--quick' (nginx and libnginx-mod-mail are installed if missing)
+BENCH_ARGS ?=
+bench: venv
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) _trial_temp* run
