@@ -31,7 +31,6 @@ made, and resumed afterwards; it is never left paused once the result is known.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -39,9 +38,6 @@ from typing import TypeAlias, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
     UNIXClientEndpoint,
     connectProtocol,
 )
@@ -58,6 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.config import ClamdAddress
+from mailgw.endpoints import tcp_client_endpoint
 
 __all__ = [
     "MAX_ANSWER",
@@ -122,13 +119,7 @@ def clamd_endpoint(reactor: object, address: ClamdAddress, timeout: float) -> IS
     """
     if address.kind == "unix":
         return UNIXClientEndpoint(reactor, str(address.path), timeout=timeout)
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
-        return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
-    if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    return tcp_client_endpoint(reactor, address.host, address.port, timeout)
 
 
 class ClamdClient:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections import deque
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from mailgw.endpoints import tcp_client_endpoint
 from mailgw.tls import set_nodelay
 from mailgw.wire import smtp
 from mailgw.wire.errors import ProtocolError
@@ -205,7 +205,7 @@ async def open_smtp(
     Raises L{SmtpError} when the server is unreachable or not ready.
     """
     clock: IReactorTime = reactor  # type: ignore[assignment]
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
+    endpoint = tcp_client_endpoint(reactor, host, port, connect_timeout)
     factory = Factory.forProtocol(lambda: SmtpClient(clock, timeout=timeout, data_timeout=data_timeout))
     factory.noisy = False
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.endpoints import tcp_client_endpoint
 from mailgw.tls import ClientTLSCache, set_nodelay
 from mailgw.wire.errors import ProtocolError
 from mailgw.wire.forwarding import ClientOrigin
@@ -278,7 +279,7 @@ class Connector:
         """Connect to C{target} and log in; returns the protocol (ready to be
         attached to a relay) and the answer to pass on to the client."""
         tls = self.tls_options(target) if target.tls != "none" else None
-        endpoint = HostnameEndpoint(self._reactor, target.host, target.port, timeout=self.connect_timeout)
+        endpoint = tcp_client_endpoint(self._reactor, target.host, target.port, self.connect_timeout)
         if target.tls == "implicit":
             assert tls is not None
             endpoint = wrapClientTLS(tls, endpoint)  # type: ignore[assignment]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
     ConnectingCancelledError,
@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.config import ProxyConfig
+from mailgw.endpoints import tcp_client_endpoint
 from mailgw.tls import set_nodelay, ssl_error_text
 from mailgw.upstream import UpstreamTarget
 from mailgw.wire import smtp
@@ -352,9 +353,7 @@ class SMTPCapabilities(Service):
         return await probe.result
 
     def _endpoint(self, target: UpstreamTarget, tls: IOpenSSLClientConnectionCreator | None) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self._reactor, target.host, target.port, timeout=PROBE_TIMEOUT / 3
-        )
+        endpoint = tcp_client_endpoint(self._reactor, target.host, target.port, PROBE_TIMEOUT / 3)
         if target.tls == "implicit" and tls is not None:
             endpoint = wrapClientTLS(tls, endpoint)
         return endpoint
