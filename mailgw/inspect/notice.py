@@ -15,7 +15,7 @@ from email.utils import formatdate
 from mailgw.inspect.check import TempFailed, Withheld
 from mailgw.wire import smtp
 
-__all__ = ["pad", "replacement", "smtp_refusal", "smtp_tempfail"]
+__all__ = ["pad", "padding_lines", "replacement", "smtp_refusal", "smtp_tempfail"]
 
 _KEPT = ("date", "message-id", "from", "to", "cc", "subject")
 _MAX_VALUE = 300
@@ -94,14 +94,20 @@ def pad(message: bytes, size: int) -> bytes:
         return message
     if missing == 1:
         return message[:-2] + b" \r\n"
+    return message + padding_lines(missing)
+
+
+def padding_lines(octets: int) -> bytes:
+    """C{octets} octets of lines of spaces (C{octets} >= 2)."""
     lines: list[bytes] = []
+    missing = octets
     while missing > 0:
         n = min(missing, 78)
         if missing - n == 1:
             n -= 1  # never leave a single octet: a line needs two
         lines.append(b" " * (n - 2) + b"\r\n")
         missing -= n
-    return message + b"".join(lines)
+    return b"".join(lines)
 
 
 def smtp_refusal(verdict: Withheld) -> bytes:

@@ -11,6 +11,7 @@ side's buffer has room (L{Output}), so a 25 MB message is never in memory at onc
 from __future__ import annotations
 
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from zope.interface import implementer
 from mailgw.config import InspectionProfile
 from mailgw.inspect.check import MessageCheck, Verdict
 from mailgw.inspect.clamd import ClamdClient
+from mailgw.inspect.notice import padding_lines
 from mailgw.inspect.spool import Spool
 from mailgw.proxy.registry import SessionInfo
 from mailgw.proxy.relay import IRelayStage, IStageEnds, Sink
@@ -140,19 +142,6 @@ def dot_stuffed(spool: Spool, padding: int = 0) -> Iterator[bytes]:
     yield stuffer.end()
 
 
-def padding_lines(octets: int) -> bytes:
-    """C{octets} octets of lines of spaces (C{octets} >= 2)."""
-    lines: list[bytes] = []
-    missing = octets
-    while missing > 0:
-        n = min(missing, 78)
-        if missing - n == 1:
-            n -= 1
-        lines.append(b" " * (n - 2) + b"\r\n")
-        missing -= n
-    return b"".join(lines)
-
-
 def raw(spool: Spool) -> Iterator[bytes]:
     """The spooled octets as they are."""
     yield from spool.chunks(CHUNK)
@@ -178,7 +167,7 @@ class _Holder:
 
 
 @implementer(IRelayStage)
-class InspectingStage:
+class InspectingStage(ABC):
     """The shared part of the POP3, IMAP and SMTP stages."""
 
     name = "inspection"
@@ -204,11 +193,11 @@ class InspectingStage:
         self.to_client.retarget(ends.to_client)
         self.to_server.retarget(ends.to_server)
 
-    def from_client(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def from_client(self, data: bytes) -> None: ...
 
-    def from_server(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def from_server(self, data: bytes) -> None: ...
 
     def client_writable(self, writable: bool) -> None:
         self.to_client.set_writable(writable)
@@ -316,16 +305,17 @@ class ServerMessagesStage(InspectingStage):
         self.framer.append(data)
         self.drain()
 
+    @abstractmethod
     def protocol_error(self, error: ProtocolError) -> None:
-        raise NotImplementedError
+        """The server's stream cannot be framed: end the session."""
 
+    @abstractmethod
     def message_started(self, event: Pop3MessageStart | ImapMessageStart) -> str:
         """A message starts: make its check; returns the name it has in the log."""
-        raise NotImplementedError
 
+    @abstractmethod
     def deliver(self, check: MessageCheck, verdict: Verdict) -> None:
         """Write the message (or what stands for it), then call L{delivered}."""
-        raise NotImplementedError
 
     def drain(self) -> None:
         framer = self.framer

@@ -187,11 +187,11 @@ class SharedDirectory(MultiService):
 
     def kill(self, session_id: str) -> defer.Deferred[DirectorySession | None]:
         def find(db: Any) -> DirectorySession | None:
-            for row in sql.live_sessions(db, self.stale_after):
-                if row.session_id == session_id and row.node != self.node:
-                    sql.request_kill(db, row.node, [session_id], "killed by the administrator (from " + self.node + ")")
-                    return row
-            return None
+            row = sql.find_session(db, session_id, self.stale_after)
+            if row is None or row.node == self.node:
+                return None
+            sql.request_kill(db, row.node, [session_id], f"killed by the administrator (from {self.node})")
+            return row
 
         return self._store.transaction(find).addErrback(self._unavailable)
 

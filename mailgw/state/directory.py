@@ -23,6 +23,7 @@ __all__ = [
     "DirectorySession",
     "claim",
     "count_failures",
+    "find_session",
     "forget_failures",
     "heartbeat",
     "live_sessions",
@@ -150,6 +151,12 @@ def live_sessions(db: Any, stale: float) -> list[DirectorySession]:
     """Every live node's sessions, oldest first."""
     rows = db.execute(_LIVE + " ORDER BY s.started", (float(stale),)).fetchall()
     return [DirectorySession(*row) for row in rows]
+
+
+def find_session(db: Any, session_id: str, stale: float) -> DirectorySession | None:
+    """The live session C{session_id}, on whichever node holds it."""
+    row = db.execute(_LIVE + " AND s.session_id = %s", (float(stale), session_id)).fetchone()
+    return None if row is None else DirectorySession(*row)
 
 
 def request_kill(db: Any, node: str, session_ids: Sequence[str], reason: str) -> None:
