@@ -270,6 +270,22 @@ class Pop3StageTests(StageBase):
         self.assertIn(b"larger than the limit of 1000 octets", b"".join(ends.client))
         self.assertEqual(context.verdicts[0][1].reason, "size")  # type: ignore[union-attr]
 
+    def test_scanLimit(self) -> None:
+        """Beyond scan_limit the scan stops: "refuse" withholds the message, "pass"
+        lets it through unscanned."""
+        scanner = ScriptedScanner()
+        stage, ends, context = self.make(scanner, scan_limit=100)
+        stage.from_client(b"RETR 1\r\n")
+        stage.from_server(b"+OK\r\n" + dot_stuff(MESSAGE * 2))
+        self.assertTrue(scanner.scans[0].result.called)  # cancelled: clamd is not waited for
+        self.assertIn(b"too large to be scanned", b"".join(ends.client))
+        self.assertEqual(context.verdicts[0][1].reason, "scan_limit")  # type: ignore[union-attr]
+        stage, ends, context = self.make(scanner, scan_limit=100, scan_limit_action="pass")
+        stage.from_client(b"RETR 1\r\n")
+        stage.from_server(b"+OK\r\n" + dot_stuff(MESSAGE * 2))
+        self.assertEqual(b"".join(ends.client), b"+OK\r\n" + dot_stuff(MESSAGE * 2))
+        self.assertIn("scan limit", context.verdicts[0][1].unscanned)  # type: ignore[union-attr]
+
     def test_headerRules(self) -> None:
         """A reject rule withholds the message; a tag rule marks its Subject."""
         rule = HeaderRule("X-Spam-Flag", re.compile("^YES"), "reject")
