@@ -1224,7 +1224,8 @@ def _parse_gateway(t: _Table, base: Path) -> GatewayConfig:
     node_name = t.string("node_name", "mailgw")
     if t.ctx.ok(t.key("node_name")) and not _is_token(node_name, 253):
         t.problem("node_name", f"must be 1-253 printable characters without spaces, got {node_name!r}")
-    workers = t.integer("workers", 1, minimum=1)
+    # 0: one worker per CPU [10]
+    workers = t.integer("workers", 1, minimum=0, maximum=256)
     listen_backlog = t.integer("listen_backlog", 511, minimum=1, maximum=65535)
     t.finish()
     return GatewayConfig(state_dir, log_format, node_name, workers, listen_backlog)
@@ -2057,6 +2058,12 @@ def _check_sso_and_admin(ctx: _Context, config: Config) -> None:
     key = "sso.pop3.monitor_interface"
     if sso.enabled and sso.mode == "monitor" and not sso.monitor_interface and ctx.ok(key):
         ctx.problem(key, 'must be set when mode is "monitor"')
+    if sso.enabled and config.gateway.workers != 1 and ctx.ok("gateway.workers"):
+        # Each worker would learn and look up identities in a table of its own.
+        ctx.problem(
+            "gateway.workers",
+            "POP3 SSO (sso.pop3.enabled) runs in one process: set workers = 1, or turn SSO off",
+        )
     admin = config.admin
     key = "admin.manhole_authorized_keys"
     if admin.manhole and admin.manhole_authorized_keys is None and ctx.ok(key):

@@ -13,7 +13,7 @@ configuration (server group names); never from what a client sent.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -31,7 +31,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from mailgw.auth.cache import AuthCache
@@ -383,15 +383,30 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, workers: WorkerExpositions | None = None) -> None:
         super().__init__()
         self._metrics = metrics
+        self._workers = workers
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         accept = request.getHeader(b"accept")
-        body, content_type = self._metrics.exposition(accept.decode("latin-1") if accept else "")
+        if self._workers is None:
+            body, content_type = self._metrics.exposition(accept.decode("latin-1") if accept else "")
+            request.setHeader(b"content-type", content_type.encode("ascii"))
+            return body
+        # With workers [10]: theirs (the sessions, logins, relayed bytes), each sample
+        # labelled with its worker, beside the supervisor's own (poller, AAA tests).
+        own, content_type = self._metrics.exposition("")
         request.setHeader(b"content-type", content_type.encode("ascii"))
-        return body
+
+        def write(workers: list[tuple[int, str]]) -> None:
+            if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+                request.write(merge_expositions(own.decode("utf-8"), workers).encode("utf-8"))
+                request.finish()
+
+        d = self._workers()
+        d.addCallback(write).addErrback(lambda f: write([]))
+        return NOT_DONE_YET
 
     render_HEAD = render_GET
 
@@ -485,21 +500,63 @@ class AdminListener(StreamServerEndpointService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def metrics_site(metrics: Metrics, reactor: Any) -> Site:
+#: fires with each worker's metrics (Prometheus text), by worker number
+WorkerExpositions = Callable[[], defer.Deferred[list[tuple[int, str]]]]
+
+
+def merge_expositions(own: str, workers: Sequence[tuple[int, str]]) -> str:
+    """The supervisor's metrics (Prometheus text) and its workers', one family at a
+    time (the format wants a family's samples together), each worker's samples with
+    a C{worker} label."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+
+    def add(text: str, worker: int | None) -> None:
+        name = ""
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    name = parts[2]
+                    header, _ = families.setdefault(name, ([], []))
+                    if worker is None or not any(h.startswith(f"# {parts[1]} ") for h in header):
+                        header.append(line)
+                continue
+            _, samples = families.setdefault(name, ([], []))
+            if worker is not None:
+                metric, brace, rest = line.partition("{")
+                if brace:
+                    line = f'{metric}{{worker="{worker}",{rest}'
+                else:
+                    metric, _, value = line.partition(" ")
+                    line = f'{metric}{{worker="{worker}"}} {value}'
+            samples.append(line)
+
+    add(own, None)
+    for worker, text in workers:
+        add(text, worker)
+    return "".join("\n".join([*header, *samples]) + "\n" for header, samples in families.values())
+
+
+def metrics_site(metrics: Metrics, reactor: Any, workers: WorkerExpositions | None = None) -> Site:
     """The HTTP site: C{/metrics}, and a one-line page at C{/}."""
     root = _Root()
-    root.putChild(b"metrics", MetricsResource(metrics))
+    root.putChild(b"metrics", MetricsResource(metrics, workers))
     site = _QuietSite(root, reactor=reactor, timeout=60)
     site.noisy = False
     return site
 
 
-def metrics_service(endpoint: str, metrics: Metrics, reactor: Any) -> IService:
+def metrics_service(
+    endpoint: str, metrics: Metrics, reactor: Any, workers: WorkerExpositions | None = None
+) -> IService:
     """The service serving C{metrics} at C{/metrics} on C{endpoint} (an endpoint
-    description such as C{tcp:9125:interface=127.0.0.1})."""
+    description such as C{tcp:9125:interface=127.0.0.1}); C{workers}: the worker
+    processes' metrics to serve with them."""
     return AdminListener(
         serverFromString(reactor, endpoint),
-        metrics_site(metrics, reactor),
+        metrics_site(metrics, reactor, workers),
         name="admin/metrics",
         description=f"metrics ({endpoint})",
     )
@@ -512,6 +569,7 @@ __all__ = [
     "Metrics",
     "MetricsResource",
     "TimedChecker",
+    "merge_expositions",
     "metrics_service",
     "metrics_site",
 ]

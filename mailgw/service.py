@@ -19,7 +19,6 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -49,7 +48,7 @@ from mailgw.config import (
     RadiusGroup,
     load_config,
 )
-from mailgw.inspect.service import Inspection
+from mailgw.inspect.service import Inspection, spool_folder
 from mailgw.inspect.spool import prepare_spool_folder
 from mailgw.logs import make_observer
 from mailgw.manhole import manhole_service
@@ -78,6 +77,9 @@ from mailgw.systemd import SystemdNotifier
 from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
 from mailgw.upstream import Connector
 from mailgw.upstream.smtpprobe import SMTPCapabilities
+from mailgw.workers.sockets import DirectSockets, HeldSockets, ListenSockets
+from mailgw.workers.supervisor import WorkerPool
+from mailgw.workers.worker import PendingReporter, SupervisorDirectory, WorkerRole, worker_node
 
 #: the session class of each proxy section
 SESSION_CLASSES: Mapping[str, type[ProxySession]] = {
@@ -172,9 +174,22 @@ class GatewayService(MultiService):
         failure_delay: float = 1.0,
         grace_period: float = 20.0,
         install_signal_handlers: bool = False,
+        worker: WorkerRole | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        #: this process is a worker of a supervisor [10] (None: it serves by itself,
+        #: or supervises workers when gateway.workers is not 1)
+        self.worker = worker
+        node = config.gateway.node_name
+        #: how this process is named in session lists (a worker: node/wN)
+        self.node_label = worker_node(node, worker.index) if worker is not None else node
+        supervising = worker is None and config.gateway.workers != 1
+        #: where the listening sockets come from: bound here; bound here and kept for
+        #: the workers; or sent by the supervisor
+        self.sockets: ListenSockets = (
+            worker.sockets if worker is not None else HeldSockets() if supervising else DirectSockets()
+        )
         self.failure_delay = failure_delay
         self.grace_period = grace_period
         self.install_signal_handlers = install_signal_handlers
@@ -183,7 +198,8 @@ class GatewayService(MultiService):
         #: remembered successful checks [5.6]; its HMAC key is made here, per process
         self.auth_cache = AuthCache(reactor)
         self.metrics.auth_cache = self.auth_cache
-        self.notifier = SystemdNotifier()
+        # With workers, READY=1 waits until every worker serves (sent by the pool).
+        self.notifier = SystemdNotifier(notify_on_start=not supervising)
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
         # Password hashing and ldap3 each get their own bounded pool, so an LDAP
         # outage cannot stall local logins [4.10]; hashing is CPU work: one thread per
@@ -237,37 +253,73 @@ class GatewayService(MultiService):
         #: the default SMTP server's extensions, for the EHLO answer before AUTH [4.5]
         self.smtp_capabilities = SMTPCapabilities(reactor)
         self.smtp_capabilities.setServiceParent(self)
-        if config.gateway.workers > 1:
-            self.log.warn(
-                "gateway.workers = {workers}: this version runs one process; the extra workers are not started",
-                workers=config.gateway.workers,
+        shared = config.state.backend == "postgresql"
+        # All persistent state goes through one store [1]: SQLite (one machine) or
+        # PostgreSQL (several gateways) [11]; a change of [state] takes effect at the
+        # next start.  Made before _apply, which may make the SSO identity table that
+        # persists through it.  A worker uses none of it but the shared directory.
+        self.state = open_state(config, reactor) if worker is None or shared else None
+        #: where logins count beyond this process: the shared database's directory
+        #: [11], or a worker's supervisor [10]
+        self.directory: ISessionDirectory
+        if shared:
+            assert self.state is not None
+            self.directory = SharedDirectory(
+                self.state, self.registry, self.node_label, reactor, penalty=self.penalty  # type: ignore[arg-type]
             )
-        # All persistent state goes through one store (SQLite now) [1].
-        # SQLite (one machine) or PostgreSQL (several gateways) [11]; a change of
-        # [state] takes effect at the next start.  Made before _apply, which may
-        # make the SSO identity table that persists through it.
-        self.state = open_state(config, reactor)
-        #: where logins count beyond this gateway: the shared database's directory [11]
-        self.directory: ISessionDirectory = (
-            SharedDirectory(
-                self.state, self.registry, config.gateway.node_name, reactor, penalty=self.penalty  # type: ignore[arg-type]
-            )
-            if config.state.backend == "postgresql"
-            else LocalDirectory()
-        )
+        elif worker is not None:
+            self.directory = SupervisorDirectory(worker.channel, self.registry, self.node_label)
+        else:
+            self.directory = LocalDirectory()
+        if worker is not None:
+            # The supervisor counts every worker's non-authenticated sessions [4.4, 10].
+            reporter = PendingReporter(worker.channel, reactor, enabled=worker.track)
+            worker.channel.reporter = self.registry.observer = reporter
         self._apply(config)
-        StateService(self.state).setServiceParent(self)  # before the poller: closes after it
+        if self.state is not None:
+            StateService(self.state).setServiceParent(self)  # before the poller: closes after it
         if isinstance(self.directory, SharedDirectory):
             self.directory.setServiceParent(self)
-        self.poller = PollerService(config, self.state, self.connector, reactor, metrics=self.metrics)
-        self.poller.setServiceParent(self)
+        #: the worker processes (None: this process serves by itself) [10]
+        self.pool: WorkerPool | None = None
+        if supervising:
+            assert isinstance(self.sockets, HeldSockets)
+            if config.path is None:
+                raise ConfigError(["gateway.workers: the workers need the configuration loaded from a file"])
+            self.pool = WorkerPool(
+                config.gateway.workers or os.cpu_count() or 1,
+                Path(config.path).absolute(),
+                self.sockets,
+                reactor,
+                node_name=node,
+                penalty=self.penalty,
+                notifier=self.notifier,
+                limits=pending_limits(config),
+            )
+            self.pool.setServiceParent(self)  # after the listeners: their sockets are bound
+        #: the remote POP poller: one per machine, in the supervisor (not in workers)
+        self.poller: PollerService | None = None
+        if worker is None:
+            assert self.state is not None
+            self.poller = PollerService(config, self.state, self.connector, reactor, metrics=self.metrics)
+            self.poller.setServiceParent(self)
         self.admin_backend = GatewayAdminBackend(
-            self, started=reactor.seconds(), clock=reactor, reload=self._reload_deferred, poller=self.poller.accounts
+            self,
+            started=reactor.seconds(),
+            clock=reactor,
+            reload=self._reload_deferred,
+            poller=self.poller.accounts if self.poller is not None else None,
         )
-        admin_service(config.admin, self.admin_backend, reactor).setServiceParent(self)
         admin = config.admin
+        if worker is not None:
+            # A worker answers its supervisor only (the admin channel, metrics and
+            # Manhole are the supervisor's).
+            return
+        admin_service(config.admin, self.admin_backend, reactor).setServiceParent(self)
         if admin.metrics:
-            metrics_service(admin.metrics, self.metrics, reactor).setServiceParent(self)
+            pool = self.pool
+            workers = (lambda: defer.Deferred.fromCoroutine(pool.metrics())) if pool is not None else None
+            metrics_service(admin.metrics, self.metrics, reactor, workers).setServiceParent(self)
         #: what the Manhole's sessions see (the running configuration is updated on reload)
         self.manhole_namespace: dict[str, Any] = {
             "gateway": self,
@@ -285,10 +337,30 @@ class GatewayService(MultiService):
                 reactor,
                 host_key=config.gateway.state_dir / "manhole_host_key",
             ).setServiceParent(self)
-        # Last child: READY=1 goes out only once every listener is bound.
+        # Last child: READY=1 goes out only once every listener is bound (with
+        # workers: once every worker serves, sent by the pool).
         self.notifier.setServiceParent(self)
     def _reload_deferred(self) -> defer.Deferred[list[str]]:
-        return defer.succeed(self.reload())
+        if self.pool is None:
+            return defer.succeed(self.reload())
+        return defer.Deferred.fromCoroutine(self._reload_with_workers())
+
+    async def _reload_with_workers(self) -> list[str]:
+        """The supervisor loads the configuration (validating it, binding new
+        listeners); once applied, every worker loads it too [10]."""
+        assert self.pool is not None
+        self.notifier.reloading()
+        try:
+            before = self.config
+            problems = self._reload(None)
+            if self.config is not before:
+                assert self.config.path is not None
+                self.pool.configure(pending_limits(self.config))
+                problems += await self.pool.reload(str(Path(self.config.path).absolute()))
+        finally:
+            self.notifier.ready()
+        self._reloaded(problems)
+        return problems
 
     # -- configuration ------------------------------------------------------------------
 
@@ -310,8 +382,13 @@ class GatewayService(MultiService):
         )
         realm = GatewayRealm(config.group_policy)
         old_inspection = self.inspection
+        # Each worker spools in a folder of its own: cleaning it at start must not
+        # remove another process's files [4.9].
+        spool = spool_folder(config) / f"worker-{self.worker.index}" if self.worker is not None else None
         inspection = (
-            Inspection.from_config(config, reactor, self.metrics, old_inspection) if config.inspections else None
+            Inspection.from_config(config, reactor, self.metrics, old_inspection, spool=spool)
+            if config.inspections
+            else None
         )
         if inspection is not None:
             # Made once; what a crash left in it goes at start [4.9].
@@ -442,7 +519,12 @@ class GatewayService(MultiService):
             for interface in config.interfaces:
                 if interface.enables(proxy.protocol):
                     for listener in _listeners(
-                        reactor, current_env, SESSION_CLASSES[proxy.protocol], interface, config.gateway.listen_backlog
+                        reactor,
+                        current_env,
+                        SESSION_CLASSES[proxy.protocol],
+                        interface,
+                        config.gateway.listen_backlog,
+                        self.sockets,
                     ):
                         wanted[listener.key] = (listener, env)
         problems: list[str] = []
@@ -485,6 +567,7 @@ class GatewayService(MultiService):
             self.metrics.identities = self.identities
             # The table survives a restart [7]: restored at start (now, when a
             # reload turned SSO on), every change written to the state store.
+            assert self.state is not None  # SSO does not run in workers (see the configuration)
             self.identity_persistence = IdentityPersistence(self.state)
             self.identities.subscribe(self.identity_persistence)
             if self.running:
@@ -593,10 +676,14 @@ class GatewayService(MultiService):
             problems = self._reload(path)
         finally:
             self.notifier.ready()
+        self._reloaded(problems)
+        return problems
+
+    def _reloaded(self, problems: list[str]) -> None:
         if problems:
             self.notifier.status(f"last reload: {len(problems)} problem(s)")
-        self.manhole_namespace["config"] = self.config
-        return problems
+        if hasattr(self, "manhole_namespace"):
+            self.manhole_namespace["config"] = self.config
 
     def _reload(self, path: str | os.PathLike[str] | None) -> list[str]:
         source = path if path is not None else self.config.path
@@ -683,13 +770,16 @@ class GatewayService(MultiService):
         )
 
     def _sighup(self, signum: int, frame: object) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self._reload_deferred)
 
     async def _stop(self) -> None:
         self.notifier.stopping()
         # 1. Stop accepting.
         for listener in self.listeners():
             await defer.maybeDeferred(listener.stopService)
+        if self.pool is not None:
+            # Every worker finishes its logged-in sessions (its own grace period).
+            await self.pool.drain(self.grace_period + CLOSE_GRACE + 10)
         # 2. Let logged-in sessions finish, up to the grace period; the others go now.
         for info in self.registry:
             if info.state is not SessionState.AUTHENTICATED:
@@ -728,6 +818,16 @@ class GatewayService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+def pending_limits(config: Config) -> dict[str, int]:
+    """Each enabled proxy's C{unauthenticated_session_limit}, by the protocol name its
+    sessions carry (what the workers' supervisor enforces across them) [4.4, 10]."""
+    return {
+        SESSION_CLASSES[proxy.protocol].protocol_name: proxy.unauthenticated_session_limit
+        for proxy in config.proxies()
+        if proxy.enabled
+    }
+
+
 def _radius_authorizer(checker: RadiusChecker) -> Authorizer:
     """RADIUS authorizes by name only (Authorize-Only has no secondary field)."""
 
@@ -743,6 +843,7 @@ def _listeners(
     session_class: type[ProxySession],
     interface: InterfaceConfig,
     backlog: int,
+    sockets: ListenSockets,
 ) -> list[Listener]:
     """The listeners of one proxy on one interface, by C{tls_support} [4.1]."""
     proxy: ProxyConfig = current().proxy
@@ -753,11 +854,8 @@ def _listeners(
         ports.append((proxy.starttls_port, False))
     result = []
     for port, implicit in ports:
-        endpoint: IStreamServerEndpoint
-        if ":" in interface.address:
-            endpoint = TCP6ServerEndpoint(reactor, port, backlog=backlog, interface=interface.address)
-        else:
-            endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface.address)
+        key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol, backlog)
+        endpoint = sockets.endpoint(reactor, key, interface.address, port, backlog)
         factory: Factory = ProxyFactory(current, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
             factory = TLSMemoryBIOFactory(_CurrentServerTLS(current), False, factory)  # type: ignore[assignment]
@@ -766,7 +864,7 @@ def _listeners(
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
         name = f"{proxy.protocol}/{interface.name}/{port}"
         listener = Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})")
-        listener.key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol, backlog)
+        listener.key = key
         result.append(listener)
     return result
 

@@ -151,6 +151,9 @@ class FakeBackend:
         self.calls.append(("status",))
         return json.loads(json.dumps(STATUS))  # type: ignore[no-any-return]
 
+    def workers(self) -> list[dict[str, Any]]:
+        return []
+
     def sessions(self, protocol: str | None) -> list[dict[str, Any]]:
         self.calls.append(("sessions", protocol))
         return list(self.sessions_list)
@@ -737,6 +740,10 @@ class GatewayBackendTests(TestCase):
         """An unknown group is NoSuchGroup."""
         self.assertRaises(cmd.NoSuchGroup, self.backend.aaa_test, "NOPE", "alice", "x")
 
+    async def _flush(self, group: str | None, user: str | None) -> dict[str, Any]:
+        result = self.backend.aaa_flush(group, user)
+        return await result if isinstance(result, defer.Deferred) else result
+
     async def test_aaaFlush(self) -> None:
         """aaa flush forgets what the authentication cache remembers of a user, a
         group or all, and says how many; an unknown group is NoSuchGroup naming the
@@ -744,14 +751,14 @@ class GatewayBackendTests(TestCase):
         cache = self.service.auth_cache
         self.assertEqual((await self.backend.aaa_test("LOCAL", "alice", SECRETS[2]))["result"], "accepted")
         self.assertEqual(len(cache), 1)
-        self.assertEqual(self.backend.aaa_flush("LOCAL", "mallory")["flushed"], 0)
-        result = self.backend.aaa_flush("LOCAL", "alice")
+        self.assertEqual((await self._flush("LOCAL", "mallory"))["flushed"], 0)
+        result = (await self._flush("LOCAL", "alice"))
         self.assertEqual(result, {"group": "LOCAL", "user": "alice", "cache_ttl": 300, "flushed": 1, "remaining": 0})
         self.assertEqual(len(cache), 0)
         await self.backend.aaa_test("LOCAL", "alice", SECRETS[2])
-        self.assertEqual(self.backend.aaa_flush("LOCAL", None)["flushed"], 1)
+        self.assertEqual((await self._flush("LOCAL", None))["flushed"], 1)
         await self.backend.aaa_test("LOCAL", "alice", SECRETS[2])
-        self.assertEqual(self.backend.aaa_flush(None, None)["flushed"], 1)
+        self.assertEqual((await self._flush(None, None))["flushed"], 1)
         with self.assertRaises(cmd.NoSuchGroup) as caught:
             self.backend.aaa_flush("NOPE", None)
         self.assertEqual(str(caught.exception), "no AAA server group 'NOPE' (groups: LOCAL, DIR, RAD)")

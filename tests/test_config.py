@@ -249,7 +249,8 @@ RULES: list[tuple[str, dict[str, Any], list[str]]] = [
         {"aaa_server_group": with_groups(radius_group(servers=[{"host": "10.0.0.1", "secret": "s", "auth_port": 0}]))},
         ["aaa_server_group[1].servers[0].auth_port: must be 1..65535, got 0"],
     ),
-    ("workers", {"gateway": {"workers": 0}}, ["gateway.workers: must be at least 1, got 0"]),
+    ("workers", {"gateway": {"workers": -1}}, ["gateway.workers: must be 0..256, got -1"]),
+    ("tooManyWorkers", {"gateway": {"workers": 1000}}, ["gateway.workers: must be 0..256, got 1000"]),
     ("loginTimeout", {"pop3s": {"login_timeout": 0}}, ["pop3s.login_timeout: must be at least 1, got 0"]),
     ("idleTimeout", {"smtps": {"idle_timeout": -5}}, ["smtps.idle_timeout: must be at least 1, got -5"]),
     (
@@ -1167,7 +1168,7 @@ class ProblemReportingTests(SynchronousTestCase):
         data = merge(
             base(),
             {
-                "gateway": {"workers": 0, "bogus": True},
+                "gateway": {"workers": -1, "bogus": True},
                 "tls": {"minimum_version": "SSLv3"},
                 "interface": [{"address": "foo"}],
                 "pop3s": {"default_server": {"port": 99999}, "authentication_server_group": "X"},
@@ -1180,7 +1181,7 @@ class ProblemReportingTests(SynchronousTestCase):
         self.assertEqual(
             raised.exception.problems,
             [
-                "gateway.workers: must be at least 1, got 0",
+                "gateway.workers: must be 0..256, got -1",
                 "gateway.bogus: unknown key",
                 'tls.minimum_version: must be one of "TLSv1.2", "TLSv1.3", got \'SSLv3\'',
                 "interface[0].address: not an IP address: 'foo'",

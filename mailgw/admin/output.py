@@ -209,6 +209,23 @@ def format_status(status: Mapping[str, Any]) -> str:
     out.append(f"\nListeners: {len(listeners)}\n")
     if listeners:
         out.append(format_table(("NAME", "ADDRESS", "TLS", "STATE"), _listener_rows(listeners), indent="  "))
+    workers = status.get("workers") or []
+    if workers:
+        out.append(f"\nWorkers: {len(workers)}\n")
+        worker_rows: list[Sequence[object]] = [
+            (
+                w.get("worker", "?"),
+                w.get("pid") or "-",
+                w.get("state", "?"),
+                (w.get("sessions") or {}).get("total", "-"),
+                format_duration(float(w["uptime"])) if w.get("uptime") is not None else "-",
+                w.get("restarts", 0),
+                w.get("last_exit") or "-",
+            )
+            for w in workers
+        ]
+        headers = ("WORKER", "PID", "STATE", "SESSIONS", "UP", "RESTARTS", "LAST EXIT")
+        out.append(format_table(headers, worker_rows, indent="  "))
     sessions = status.get("sessions", {})
     out.append(f"\nSessions: {sessions.get('total', 0)}\n")
     by_protocol: Mapping[str, Mapping[str, int]] = sessions.get("by_protocol", {})

@@ -78,6 +78,7 @@ from mailgw.state.directory import DirectorySession
 
 if TYPE_CHECKING:
     from mailgw.service import GatewayService
+    from mailgw.workers.supervisor import WorkerPool
 
 __all__ = [
     "AdminResponder",
@@ -107,7 +108,11 @@ class IAdminBackend(Interface):
 
     def status() -> JSONObject:
         """Version, uptime, listeners, sessions by protocol and state, AAA groups,
-        poller and SSO summary."""
+        poller and SSO summary (of this process)."""
+
+    def workers() -> list[JSONObject] | defer.Deferred[list[JSONObject]]:
+        """Each worker process's status [10], with its sessions by protocol and state
+        (empty: the daemon serves in one process)."""
 
     def sessions(protocol: str | None) -> list[JSONObject] | defer.Deferred[list[JSONObject]]:  # noqa: N805
         """The live sessions, oldest first, of one protocol or all (with gateways
@@ -125,7 +130,7 @@ class IAdminBackend(Interface):
         """Log C{user} in through C{group}; fires with the verdict.  Raises
         L{NoSuchGroup}."""
 
-    def aaa_flush(group: str | None, user: str | None) -> JSONObject:  # noqa: N805
+    def aaa_flush(group: str | None, user: str | None) -> JSONObject | defer.Deferred[JSONObject]:  # noqa: N805
         """Empty the authentication cache: all of it, C{group}'s part or C{user}'s
         entry in C{group}; return how many entries were forgotten (C{flushed}).
         Raises L{NoSuchGroup} (naming the known groups), L{InvalidArgument} for a
@@ -162,7 +167,7 @@ class IAdminBackend(Interface):
 
     def accounts_check_now(
         account_id: str, progress: Callable[[str], None] | None = None  # noqa: N805
-    ) -> defer.Deferred[JSONObject]:
+    ) -> defer.Deferred[JSONObject]:  # fmt: skip
         """Poll an account now; fires with what happened.  C{progress} gets a line
         after each message of a long poll."""
 
@@ -178,8 +183,11 @@ class AdminResponder(amp.CommandLocator):
         self.connection: amp.AMP | None = None
 
     @Status.responder
-    def status(self) -> JSONObject:
-        return {"status": scrub(self.backend.status())}
+    def status(self) -> defer.Deferred[JSONObject]:
+        status = self.backend.status()
+        return _deferred(self.backend.workers()).addCallback(
+            lambda workers: {"status": scrub(with_workers(status, workers))}
+        )
 
     @Sessions.responder
     def sessions(self, protocol: str | None = None) -> defer.Deferred[JSONObject]:
@@ -211,14 +219,16 @@ class AdminResponder(amp.CommandLocator):
         return d.addCallback(lambda result: {"result": scrub(result)})
 
     @AaaFlush.responder
-    def aaa_flush(self, group: str | None = None, user: str | None = None) -> JSONObject:
-        result = self.backend.aaa_flush(group or None, user or None)
-        self.log.info(
-            "Authentication cache flushed from the admin channel ({scope}): {count} entries forgotten",
-            scope=f"user {user} of group {group}" if user else f"group {group}" if group else "all groups",
-            count=result.get("flushed"),
-        )
-        return {"result": scrub(result)}
+    def aaa_flush(self, group: str | None = None, user: str | None = None) -> defer.Deferred[JSONObject]:
+        def flushed(result: JSONObject) -> JSONObject:
+            self.log.info(
+                "Authentication cache flushed from the admin channel ({scope}): {count} entries forgotten",
+                scope=f"user {user} of group {group}" if user else f"group {group}" if group else "all groups",
+                count=result.get("flushed"),
+            )
+            return {"result": scrub(result)}
+
+        return _deferred(self.backend.aaa_flush(group or None, user or None)).addCallback(flushed)
 
     @SsoList.responder
     def sso_list(self) -> JSONObject:
@@ -307,6 +317,26 @@ class PollerAdmin(Protocol):
 _T = TypeVar("_T")
 
 
+def with_workers(status: JSONObject, workers: list[JSONObject]) -> JSONObject:
+    """C{status} of a supervisor with its C{workers}' statuses: the sessions are
+    theirs (the supervisor serves none itself)."""
+    if not workers:
+        return status
+    counts: JSONObject = dict(status.get("sessions") or {"total": 0, "by_protocol": {}})
+    by_protocol: dict[str, dict[str, int]] = {k: dict(v) for k, v in counts.get("by_protocol", {}).items()}
+    total = int(counts.get("total", 0))
+    for worker in workers:
+        theirs = worker.get("sessions")
+        if not isinstance(theirs, dict):
+            continue
+        total += int(theirs.get("total", 0))
+        for protocol, states in theirs.get("by_protocol", {}).items():
+            mine = by_protocol.setdefault(protocol, {})
+            for state, count in states.items():
+                mine[state] = mine.get(state, 0) + int(count)
+    return {**status, "sessions": {"total": total, "by_protocol": by_protocol}, "workers": workers}
+
+
 def _deferred(result: _T | defer.Deferred[_T]) -> defer.Deferred[_T]:
     return result if isinstance(result, defer.Deferred) else defer.succeed(result)
 
@@ -376,6 +406,20 @@ class GatewayAdminBackend:
         self._last_tests: dict[str, JSONObject] = {}
 
     # -- status and sessions ----------------------------------------------------------
+
+    def workers(self) -> list[JSONObject] | defer.Deferred[list[JSONObject]]:
+        pool = self._pool()
+        if pool is None:
+            return []
+        return defer.Deferred.fromCoroutine(pool.status())
+
+    def worker_status(self) -> JSONObject:
+        """A worker's own part of C{status} (asked by its supervisor)."""
+        return {
+            "sessions": self._session_counts(),
+            "listeners": sum(1 for listener in self.gateway.listeners() if listener.running),
+            "auth_cache_entries": len(self.gateway.auth_cache),
+        }
 
     def status(self) -> JSONObject:
         config = self.gateway.config
@@ -456,20 +500,46 @@ class GatewayAdminBackend:
             "entries": sum(1 for identity in table if identity.expires > now),
         }
 
+    def _node(self) -> str:
+        return str(getattr(self.gateway, "node_label", self.gateway.config.gateway.node_name))
+
+    def _pool(self) -> WorkerPool | None:
+        return getattr(self.gateway, "pool", None)
+
+    def _directory(self) -> ISessionDirectory | None:
+        directory: ISessionDirectory | None = getattr(self.gateway, "directory", None)
+        return None if directory is None or isinstance(directory, LocalDirectory) else directory
+
     def sessions(self, protocol: str | None) -> list[JSONObject] | defer.Deferred[list[JSONObject]]:
         wanted = session_protocol(protocol) if protocol else None
         now = self.clock.seconds()
-        node = self.gateway.config.gateway.node_name
-        local = [{**self._session(info, now), "node": node} for info in self.gateway.registry.sessions(wanted)]
-        directory: ISessionDirectory | None = getattr(self.gateway, "directory", None)
-        if directory is None or isinstance(directory, LocalDirectory):
+        local = [self.session_view(info, now) for info in self.gateway.registry.sessions(wanted)]
+        pool, directory = self._pool(), self._directory()
+        if pool is None and directory is None:
             return local
+        # This gateway's workers answer for their own sessions; the shared directory
+        # [11] lists the other gateways' (without this one's workers, listed already).
+        mine = f"{self.gateway.config.gateway.node_name}/"
 
-        def merged(others: list[DirectorySession]) -> list[JSONObject]:
-            remote = [_remote_session(s, now) for s in others if wanted is None or s.protocol == wanted]
-            return sorted(local + remote, key=lambda s: float(s["started"]))  # type: ignore[arg-type]
+        async def merged() -> list[JSONObject]:
+            sessions = list(local)
+            if pool is not None:
+                sessions += await pool.sessions(wanted)
+            if directory is not None:
+                others = await directory.sessions()
+                sessions += [
+                    _remote_session(s, now)
+                    for s in others
+                    if (wanted is None or s.protocol == wanted) and not s.node.startswith(mine)
+                ]
+            return sorted(sessions, key=lambda s: float(s["started"]))  # type: ignore[arg-type]
 
-        return directory.sessions().addCallback(merged)
+        return defer.Deferred.fromCoroutine(merged())
+
+    def session_view(self, info: SessionInfo, now: float | None = None) -> JSONObject:
+        """One of this process's sessions as C{sessions} shows it."""
+        now = self.clock.seconds() if now is None else now
+        return {**self._session(info, now), "node": self._node()}
 
     @staticmethod
     def _session(info: SessionInfo, now: float) -> JSONObject:
@@ -477,22 +547,28 @@ class GatewayAdminBackend:
 
     def kill(self, session_id: str) -> JSONObject | defer.Deferred[JSONObject]:
         info = self.gateway.registry.get(session_id)
-        if info is None:
-            directory: ISessionDirectory | None = getattr(self.gateway, "directory", None)
-            if directory is None or isinstance(directory, LocalDirectory):
-                raise NoSuchSession(f"no session {session_id!r}")
-            now = self.clock.seconds()
+        if info is not None:
+            answer = self.session_view(info)
+            info.owner.terminate("killed by the administrator")
+            return answer
+        pool, directory = self._pool(), self._directory()
+        if pool is None and directory is None:
+            raise NoSuchSession(f"no session {session_id!r}")
+        now = self.clock.seconds()
 
-            def asked(found: DirectorySession | None) -> JSONObject:
-                if found is None:
-                    raise NoSuchSession(f"no session {session_id!r} on any gateway")
-                return _remote_session(found, now)
+        async def ask() -> JSONObject:
+            if pool is not None:
+                killed = await pool.kill(session_id, "killed by the administrator")
+                if killed is not None:
+                    return killed
+            if directory is not None:
+                found = await directory.kill(session_id)
+                if found is not None:
+                    return _remote_session(found, now)
+                raise NoSuchSession(f"no session {session_id!r} on any gateway")
+            raise NoSuchSession(f"no session {session_id!r} in any worker")
 
-            asking: defer.Deferred[JSONObject] = directory.kill(session_id).addCallback(asked)
-            return asking
-        answer = self._session(info, self.clock.seconds())
-        info.owner.terminate("killed by the administrator")
-        return answer
+        return defer.Deferred.fromCoroutine(ask())
 
     def reload(self) -> defer.Deferred[list[str]]:
         if self._reload is None:
@@ -565,7 +641,7 @@ class GatewayAdminBackend:
 
     # -- aaa flush --------------------------------------------------------------------
 
-    def aaa_flush(self, group: str | None, user: str | None) -> JSONObject:
+    def aaa_flush(self, group: str | None, user: str | None) -> JSONObject | defer.Deferred[JSONObject]:
         if user is not None and group is None:
             raise InvalidArgument("a user's cached logins are flushed by group: give the GROUP before the USER")
         groups = {g.name: g for g in self.gateway.config.aaa_server_groups}
@@ -577,7 +653,17 @@ class GatewayAdminBackend:
         cache = self.gateway.auth_cache
         result["flushed"] = cache.flush(group, user)
         result["remaining"] = len(cache)
-        return result
+        pool = self._pool()
+        if pool is None:
+            return result
+
+        async def everywhere() -> JSONObject:
+            # Each worker keeps its own cache [5.6, 10].
+            assert pool is not None
+            result["flushed"] = int(result["flushed"]) + await pool.flush(group, user)  # type: ignore[call-overload]
+            return result
+
+        return defer.Deferred.fromCoroutine(everywhere())
 
     # -- POP3 SSO: the identity table -------------------------------------------------
 

@@ -168,12 +168,20 @@ class Inspection:
 
     @classmethod
     def from_config(
-        cls, config: Config, clock: IReactorTime, metrics: Metrics | None, old: Inspection | None = None
+        cls,
+        config: Config,
+        clock: IReactorTime,
+        metrics: Metrics | None,
+        old: Inspection | None = None,
+        *,
+        spool: Path | None = None,
     ) -> Inspection:
+        """The inspection of C{config}; C{spool}: another folder than the configuration's
+        (each worker process spools in a folder of its own)."""
         return cls(
             config.inspections,
             clock=clock,
-            spool=spool_folder(config),
+            spool=spool if spool is not None else spool_folder(config),
             node_name=config.gateway.node_name,
             metrics=metrics,
             scanners=old.scanners if old is not None else None,

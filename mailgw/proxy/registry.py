@@ -13,7 +13,7 @@ import heapq
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -81,22 +81,43 @@ class SessionInfo:
         }
 
 
+class RegistryObserver(Protocol):
+    """Told of each change of the registry's sessions."""
+
+    def changed(self, info: SessionInfo, live: bool) -> None:
+        """C{info} arrived or changed state (C{live}), or is gone (not C{live})."""
+
+
 class LoginRefused(Exception):
     """Simultaneous logins forbid this login (the policy allows 0)."""
 
 
-class _Oldest:
+class Aged(Protocol):
+    """What L{Oldest} orders by."""
+
+    @property
+    def started(self) -> float: ...
+
+    @property
+    def serial(self) -> int: ...
+
+
+A = TypeVar("A", bound=Aged)
+
+
+class Oldest(Generic[A]):
     """The sessions of one protocol in one non-authenticated state, oldest first:
     a set with a heap of (started, serial) beside it (stale heap entries are dropped
-    lazily), so the limit of [4.4] finds its victims without a scan."""
+    lazily), so the limit of [4.4] finds its victims without a scan.  (Also the
+    supervisor's view of every worker's sessions, L{mailgw.workers.anvil}.)"""
 
     __slots__ = ("_heap", "members")
 
     def __init__(self) -> None:
-        self.members: set[SessionInfo] = set()
-        self._heap: list[tuple[float, int, SessionInfo]] = []
+        self.members: set[A] = set()
+        self._heap: list[tuple[float, int, A]] = []
 
-    def add(self, info: SessionInfo) -> None:
+    def add(self, info: A) -> None:
         self.members.add(info)
         heap = self._heap
         if len(heap) > 2 * len(self.members) + 64:
@@ -105,23 +126,24 @@ class _Oldest:
             heapq.heapify(heap)
         heapq.heappush(heap, (info.started, info.serial, info))
 
-    def discard(self, info: SessionInfo) -> None:
+    def discard(self, info: A) -> None:
         self.members.discard(info)
         if not self.members:
             self._heap.clear()
 
-    def oldest(self, count: int, skip: SessionInfo) -> list[SessionInfo]:
-        """Up to C{count} oldest members other than C{skip}."""
-        found: list[SessionInfo] = []
-        popped: list[tuple[float, int, SessionInfo]] = []
+    def oldest(self, count: int, skip: A | frozenset[A] | None) -> list[A]:
+        """Up to C{count} oldest members other than C{skip} (one, or a set)."""
+        found: list[A] = []
+        popped: list[tuple[float, int, A]] = []
         heap = self._heap
+        skipped = skip if isinstance(skip, frozenset) else frozenset(() if skip is None else (skip,))
         while heap and len(found) < count:
             entry = heapq.heappop(heap)
             info = entry[2]
             if info not in self.members or any(info is e[2] for e in popped):
                 continue  # stale (left the state, or re-entered: a newer entry exists)
             popped.append(entry)
-            if info is not skip:
+            if info not in skipped:
                 found.append(info)
         for entry in popped:
             heapq.heappush(heap, entry)
@@ -140,7 +162,10 @@ class SessionRegistry:
         self._clock = clock
         self._sessions: dict[str, SessionInfo] = {}
         self._serial = 0
-        self._pending: dict[tuple[str, SessionState], _Oldest] = {}
+        self._pending: dict[tuple[str, SessionState], Oldest[SessionInfo]] = {}
+        #: told of every session's arrival, change of state and end (the worker
+        #: processes' supervisor counts the non-authenticated sessions of all) [10]
+        self.observer: RegistryObserver | None = None
         self._by_user: dict[str, dict[SessionInfo, None]] = {}
 
     def __iter__(self) -> Iterator[SessionInfo]:
@@ -156,10 +181,10 @@ class SessionRegistry:
         """Live sessions, oldest first, optionally of one protocol."""
         return [s for s in self if protocol is None or s.protocol == protocol]
 
-    def _bucket(self, protocol: str, state: SessionState) -> _Oldest:
+    def _bucket(self, protocol: str, state: SessionState) -> Oldest[SessionInfo]:
         bucket = self._pending.get((protocol, state))
         if bucket is None:
-            bucket = self._pending[(protocol, state)] = _Oldest()
+            bucket = self._pending[(protocol, state)] = Oldest()
         return bucket
 
     def open(self, protocol: str, client: str, owner: Terminable, client_ip: str | None = None) -> SessionInfo:
@@ -182,6 +207,8 @@ class SessionRegistry:
         )
         self._sessions[session_id] = info
         self._bucket(protocol, SessionState.UNAUTHENTICATED).add(info)
+        if self.observer is not None:
+            self.observer.changed(info, True)
         return info
 
     def close(self, info: SessionInfo) -> None:
@@ -189,6 +216,8 @@ class SessionRegistry:
         if self._sessions.pop(info.session_id, None) is None:
             return
         self._unindex(info)
+        if self.observer is not None:
+            self.observer.changed(info, False)
 
     def _unindex(self, info: SessionInfo) -> None:
         if info.state is SessionState.AUTHENTICATED:
@@ -215,6 +244,8 @@ class SessionRegistry:
                     self._by_user.setdefault(info.user, {})[info] = None
             else:
                 self._bucket(info.protocol, state).add(info)
+            if self.observer is not None:
+                self.observer.changed(info, True)
 
     def over_limit(self, protocol: str, limit: int, newcomer: SessionInfo) -> list[SessionInfo]:
         """The sessions to close so that the non-authenticated sessions of C{protocol}
@@ -272,7 +303,11 @@ class SessionRegistry:
 
     def login_count(self, user: str) -> int:
         """How many logins (client address and protocol) VPN user C{user} has here."""
-        return len({(s.client_ip, s.protocol) for s in self._by_user.get(user, ()) if not s.closing})
+        return len(self.login_keys(user))
+
+    def login_keys(self, user: str) -> set[tuple[str, str]]:
+        """The logins of VPN user C{user} here, as (client address, protocol)."""
+        return {(s.client_ip, s.protocol) for s in self._by_user.get(user, ()) if not s.closing}
 
     def release_login(self, info: SessionInfo) -> None:
         """Undo L{claim_login} (the mailhost login failed afterwards)."""
