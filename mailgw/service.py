@@ -11,19 +11,16 @@ import ipaddress
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -39,17 +36,16 @@ from mailgw.auth.radius import RadiusAccounting, RadiusChecker, RadiusClient, Te
 from mailgw.config import (
     Config,
     ConfigError,
-    InterfaceConfig,
     LdapGroup,
     LocalGroup,
     MACAddress,
     Pop3Group,
-    ProxyConfig,
     RadiusGroup,
     load_config,
 )
 from mailgw.inspect.service import Inspection, spool_folder
 from mailgw.inspect.spool import prepare_spool_folder
+from mailgw.listeners import SESSION_CLASSES, CurrentEnvironment, Listener, pending_limits, proxy_listeners
 from mailgw.logs import make_observer
 from mailgw.manhole import manhole_service
 from mailgw.memory import LiveConnections
@@ -57,14 +53,10 @@ from mailgw.metrics import Metrics, metrics_service
 from mailgw.poller.service import PollerService
 from mailgw.proxy.core import ProxySession
 from mailgw.proxy.directory import ISessionDirectory, LocalDirectory, SharedDirectory
-from mailgw.proxy.environment import ProxyEnvironment, ProxyFactory
+from mailgw.proxy.environment import ProxyEnvironment
 from mailgw.proxy.gatekeeper import Authorizer, Gatekeeper, LoginFailed
-from mailgw.proxy.imap4 import IMAP4Session
-from mailgw.proxy.pop3 import POP3Session
-from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.registry import SessionRegistry, SessionState
 from mailgw.proxy.relay import CLOSE_GRACE
-from mailgw.proxy.smtp import SMTPSession
 from mailgw.sso.capture import CaptureService
 from mailgw.sso.export import AccountingExport
 from mailgw.sso.identity import IdentitySource, IdentityTable
@@ -80,13 +72,6 @@ from mailgw.upstream.smtpprobe import SMTPCapabilities
 from mailgw.workers.sockets import DirectSockets, HeldSockets, ListenSockets
 from mailgw.workers.supervisor import WorkerPool
 from mailgw.workers.worker import PendingReporter, SupervisorDirectory, WorkerRole, worker_node
-
-#: the session class of each proxy section
-SESSION_CLASSES: Mapping[str, type[ProxySession]] = {
-    "pop3s": POP3Session,
-    "imap4s": IMAP4Session,
-    "smtps": SMTPSession,
-}
 
 
 class ThreadPoolService(Service):
@@ -105,19 +90,6 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
-class Listener(StreamServerEndpointService):
-    """One listening port of one proxy, named for logs and the admin channel."""
-
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, *, name: str, description: str) -> None:
-        super().__init__(endpoint, factory)
-        self.setName(name)
-        self.description = description
-        #: what identifies the listener across reloads
-        self.key: tuple[object, ...] = (name,)
-        # Fail startService (and so the daemon's start) when the port cannot be bound.
-        self._raiseSynchronously = True
-
-
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerTLSOf:
     """The gateway's current server TLS context (followed across reloads), for the
@@ -128,31 +100,6 @@ class _ServerTLSOf:
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
         return self._gateway.server_tls.serverConnectionForTLS(tlsProtocol)
-
-
-class _CurrentEnvironment:
-    """The environment a proxy's listeners give new sessions: whatever the running
-    configuration made last, so a reload needs no new listener."""
-
-    def __init__(self, environments: Mapping[str, ProxyEnvironment], protocol: str) -> None:
-        self._environments = environments
-        self._protocol = protocol
-
-    def __call__(self) -> ProxyEnvironment:
-        return self._environments[self._protocol]
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _CurrentServerTLS:
-    """The implicit-TLS listeners' connection creator: whatever TLS context the
-    current environment has, so a reload that changes the certificate needs no new
-    listener."""
-
-    def __init__(self, current: Callable[[], ProxyEnvironment]) -> None:
-        self._current = current
-
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        return self._current().server_tls.serverConnectionForTLS(tlsProtocol)
 
 
 class GatewayService(MultiService):
@@ -515,10 +462,10 @@ class GatewayService(MultiService):
                 inspection=inspection,
             )
             self.environments[proxy.protocol] = env
-            current_env = _CurrentEnvironment(self.environments, proxy.protocol)
+            current_env = CurrentEnvironment(self.environments, proxy.protocol)
             for interface in config.interfaces:
                 if interface.enables(proxy.protocol):
-                    for listener in _listeners(
+                    for listener in proxy_listeners(
                         reactor,
                         current_env,
                         SESSION_CLASSES[proxy.protocol],
@@ -818,16 +765,6 @@ class GatewayService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def pending_limits(config: Config) -> dict[str, int]:
-    """Each enabled proxy's C{unauthenticated_session_limit}, by the protocol name its
-    sessions carry (what the workers' supervisor enforces across them) [4.4, 10]."""
-    return {
-        SESSION_CLASSES[proxy.protocol].protocol_name: proxy.unauthenticated_session_limit
-        for proxy in config.proxies()
-        if proxy.enabled
-    }
-
-
 def _radius_authorizer(checker: RadiusChecker) -> Authorizer:
     """RADIUS authorizes by name only (Authorize-Only has no secondary field)."""
 
@@ -835,38 +772,6 @@ def _radius_authorizer(checker: RadiusChecker) -> Authorizer:
         return checker.authorize(username)
 
     return authorize
-
-
-def _listeners(
-    reactor: Any,
-    current: Callable[[], ProxyEnvironment],
-    session_class: type[ProxySession],
-    interface: InterfaceConfig,
-    backlog: int,
-    sockets: ListenSockets,
-) -> list[Listener]:
-    """The listeners of one proxy on one interface, by C{tls_support} [4.1]."""
-    proxy: ProxyConfig = current().proxy
-    ports: list[tuple[int, bool]] = []
-    if proxy.tls_support in ("enabled", "required"):
-        ports.append((proxy.port, True))
-    if proxy.tls_support in ("enabled", "disabled") and proxy.starttls_port:
-        ports.append((proxy.starttls_port, False))
-    result = []
-    for port, implicit in ports:
-        key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol, backlog)
-        endpoint = sockets.endpoint(reactor, key, interface.address, port, backlog)
-        factory: Factory = ProxyFactory(current, session_class, interface=interface, implicit_tls=implicit)
-        if implicit:
-            factory = TLSMemoryBIOFactory(_CurrentServerTLS(current), False, factory)  # type: ignore[assignment]
-        if interface.proxy_protocol:
-            factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
-        kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")
-        name = f"{proxy.protocol}/{interface.name}/{port}"
-        listener = Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})")
-        listener.key = key
-        result.append(listener)
-    return result
 
 
 def _ensure_private_folder(path: Path) -> None:
