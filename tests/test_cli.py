@@ -123,12 +123,12 @@ class CheckConfigTests(SynchronousTestCase):
         run = Run(["--json", "check-config", "--no-host-checks", str(SAMPLE)])
         self.assertEqual(json.loads(run.out), {"path": str(SAMPLE), "valid": True, "problems": []})
         path = Path(self.mktemp())
-        path.write_text("[gateway]\nworkers = 0\n")
+        path.write_text("[gateway]\nworkers = 257\n")
         run = Run(["--json", "check-config", str(path)])
         result = json.loads(run.out)
         self.assertEqual(run.status, 1)
         self.assertFalse(result["valid"])
-        self.assertIn("gateway.workers: must be at least 1, got 0", result["problems"])
+        self.assertIn("gateway.workers: must be 0..256, got 257", result["problems"])
 
     def test_subprocess(self) -> None:
         """The real entry point, run as a program, validates the sample."""

@@ -305,6 +305,7 @@ class FairPool:
         self._waiting: list[OrderedDict[str, _Key]] = [OrderedDict() for _ in range(concurrency + 1)]
         self._queued = 0
         self._running = 0
+        self._started = 0
 
     @property
     def threadpool(self) -> ThreadPool:
@@ -320,6 +321,11 @@ class FairPool:
     def running(self) -> int:
         """The number of calls handed to the thread pool whose thread has not returned."""
         return self._running
+
+    @property
+    def started(self) -> int:
+        """The number of calls handed to the thread pool so far."""
+        return self._started
 
     def run(
         self, key: str, function: Callable[..., _T], *args: Any, limit: PendingLimit | None = None
@@ -396,6 +402,7 @@ class FairPool:
             if state.queue:
                 self._waiting[state.running][name] = state
             self._running += 1
+            self._started += 1
             job.started = True
             # The result comes back on the reactor thread (callFromThread), possibly
             # before deferToThreadPool returns: all bookkeeping is done by now.
