@@ -86,7 +86,7 @@ class GuessingTests(TestCase):
         (only those already running when the client went are done). Without the drop
         most run their bcrypt cost-12 check (measured: 68 checks, 30 s of CPU;
         with it: 4 checks, 3 s)."""
-        pool = self.gateway.service.hash_pool
+        pool = self.gateway.service.hash_pool  # type: ignore[union-attr]
         assert pool is not None
         # Warm up (the first TLS handshakes, the thread pool).
         await in_thread(self.login, "bob", "bob-mail", "127.0.0.3")
