@@ -5,9 +5,12 @@ A flood of connections that never log in makes the process allocate for each of 
 (protocol and transport) for Python's oldest-generation collection, which may not come
 for a long time, and what they freed stays in glibc's heaps, fragmented, so the
 process would stay at its peak size.  L{LiveConnections} counts the connections that
-went and, after a batch of them (at most every C{min_interval} seconds), collects the
-cycles and asks the allocator to return its free pages (C{malloc_trim}), so the
-gateway's memory follows its load back down [4.10].
+went and, after a batch of them that has at least halved the connections held since
+the last trim (at most every C{min_interval} seconds), collects the cycles and asks the
+allocator to return its free pages (C{malloc_trim}), so the gateway's memory follows
+its load back down [4.10].  Under a steady load (as many connections opening as
+closing) nothing is trimmed: the memory is about to be used again, and a full
+collection of a busy process costs more than its allocations.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def _malloc_trim() -> Callable[[], object] | None:
 
 class LiveConnections(Generic[T]):
     """The sessions whose connections are not all gone yet (a set), with the
-    memory trim after every C{batch} sessions that went.
+    memory trim after C{batch} sessions went that leave at most half of the most
+    held since the last trim.
 
     @param clock: schedules the trim (C{delay} seconds after the batch is complete,
         so that one trim covers a whole wave of closes).
@@ -62,6 +66,7 @@ class LiveConnections(Generic[T]):
         self._trim = trim if trim is not None else _malloc_trim()
         self._items: set[T] = set()
         self._gone = 0
+        self._peak = 0  # the most items held since the last trim
         self._call: IDelayedCall | None = None
         self._stopped = False
         #: trims done (for tests and the Manhole)
@@ -81,13 +86,20 @@ class LiveConnections(Generic[T]):
 
     def add(self, item: T) -> None:
         self._items.add(item)
+        if len(self._items) > self._peak:
+            self._peak = len(self._items)
 
     def discard(self, item: T) -> None:
         if item not in self._items:
             return
         self._items.discard(item)
         self._gone += 1
-        if self._gone >= self._batch and self._call is None and not self._stopped:
+        if (
+            self._gone >= self._batch
+            and 2 * len(self._items) <= self._peak
+            and self._call is None
+            and not self._stopped
+        ):
             now = self._clock.seconds()
             due = max(now + self._delay, self._last + self._min_interval)
             self._call = self._clock.callLater(due - now, self._run)
@@ -95,6 +107,7 @@ class LiveConnections(Generic[T]):
     def _run(self) -> None:
         self._call = None
         self._gone = 0
+        self._peak = len(self._items)
         self._last = self._clock.seconds()
         gc.collect()
         if self._trim is not None:
