@@ -181,6 +181,28 @@ class WorkerSideTests(SynchronousTestCase):
         directory.withdraw(info)
         self.assertEqual(channel.calls[-1], (c.Withdraw, {"session_id": info.session_id}))
 
+    def test_successSentOnlyAfterAFailure(self) -> None:
+        """A login whose delay answer was 0 (no failure in the supervisor) sends no
+        success; after a failure, or a delay answer above 0, the success is sent."""
+        channel = FakeChannel()
+        directory = SupervisorDirectory(channel, SessionRegistry(task.Clock()), "gw/w1")  # type: ignore[arg-type]
+        sent = lambda: [(command, arguments) for command, arguments in channel.calls if command is c.Succeeded]  # noqa: E731
+        channel.answer = defer.succeed({"delay": 0.0})
+        self.assertEqual(self.successResultOf(directory.delay("10.0.0.1")), 0.0)
+        directory.succeeded("10.0.0.1")
+        self.assertEqual(sent(), [])
+        directory.succeeded("10.0.0.1")  # without asking first: sent
+        self.assertEqual(sent(), [(c.Succeeded, {"ip": "10.0.0.1"})])
+        channel.answer = defer.succeed({"delay": 0.0})
+        self.successResultOf(directory.delay("10.0.0.1"))
+        directory.failed("10.0.0.1")
+        directory.succeeded("10.0.0.1")
+        self.assertEqual(len(sent()), 2)
+        channel.answer = defer.succeed({"delay": 2.0})
+        self.assertEqual(self.successResultOf(directory.delay("10.0.0.2")), 2.0)
+        directory.succeeded("10.0.0.2")
+        self.assertEqual(sent()[-1], (c.Succeeded, {"ip": "10.0.0.2"}))
+
     def test_reporter(self) -> None:
         """The changes of one reactor turn go in one report; a login leaves; nothing
         is sent while no proxy has a limit."""

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,6 +42,8 @@ __all__ = ["CHANNEL_FD", "PendingReporter", "SupervisorDirectory", "WorkerChanne
 CHANNEL_FD = 3
 #: how long a login waits for the supervisor's tables before answering a temporary failure
 CALL_TIMEOUT = 10.0
+#: the most addresses remembered as having no failure in the supervisor
+_CLEAN_ADDRESSES = 4096
 
 _STATES = {SessionState.UNAUTHENTICATED: "u", SessionState.AUTHENTICATING: "a"}
 
@@ -178,6 +181,8 @@ class SupervisorDirectory:
         self._channel = channel
         self._registry = registry
         self.node = node
+        # addresses the supervisor answered "no failure" for (their success is not sent)
+        self._clean: OrderedDict[str, None] = OrderedDict()
 
     def claim(self, info: SessionInfo, limit: int) -> defer.Deferred[None]:
         assert info.user is not None
@@ -213,14 +218,33 @@ class SupervisorDirectory:
         return defer.succeed(None)
 
     def failed(self, ip: str) -> None:
+        self._clean.pop(ip, None)
         self._channel.send(c.Failed, ip=ip)
 
     def succeeded(self, ip: str) -> None:
+        # Every login asks for the delay first: when the supervisor had no failure of
+        # the address then, there is nothing to forget (a failure another worker
+        # reports meanwhile keeps counting, as if it came after this login).
+        if ip in self._clean:
+            del self._clean[ip]
+            return
         self._channel.send(c.Succeeded, ip=ip)
 
     def delay(self, ip: str) -> defer.Deferred[float]:
         d = self._channel.call(c.Delay, ip=ip)
-        return d.addCallbacks(lambda answer: float(answer["delay"]), lambda _: 0.0)
+
+        def answered(answer: dict[str, Any]) -> float:
+            delay = float(answer["delay"])
+            if delay > 0:
+                self._clean.pop(ip, None)
+            else:
+                self._clean[ip] = None
+                self._clean.move_to_end(ip)
+                if len(self._clean) > _CLEAN_ADDRESSES:
+                    self._clean.popitem(last=False)
+            return delay
+
+        return d.addCallbacks(answered, lambda _: 0.0)
 
 
 class PendingReporter:
