@@ -7,6 +7,7 @@ plain data, so it works with the ``spawn`` start method (the bench process has t
 from __future__ import annotations
 
 import multiprocessing.connection
+import os
 import resource
 import socket
 import ssl
@@ -174,6 +175,8 @@ class LoadTask:
     accounts: list[Account]
     resume: bool = False
     offset: int = 0
+    #: the CPUs this process's client threads may run on (None: as the process is)
+    cpus: list[int] | None = None
 
 
 @dataclass
@@ -195,6 +198,16 @@ def _process_cpu() -> float:
 
 def run_load(task: LoadTask) -> LoadResult:
     """Run in a client process: the task's threads until its deadline."""
+    affinity = os.sched_getaffinity(0)
+    if task.cpus is not None:
+        os.sched_setaffinity(0, set(task.cpus))  # the threads started below inherit it
+    try:
+        return _run_load(task)
+    finally:
+        os.sched_setaffinity(0, affinity)
+
+
+def _run_load(task: LoadTask) -> LoadResult:
     context = client_context()
     result = LoadResult()
     lock = threading.Lock()
@@ -239,6 +252,10 @@ def run_load(task: LoadTask) -> LoadResult:
     threads = [threading.Thread(target=client, args=(i,)) for i in range(task.threads)]
     for thread in threads:
         thread.start()
+    try:  # where the client threads may run (the first one's mask; they all inherit it)
+        result.extra["cpus"] = sorted(os.sched_getaffinity(threads[0].native_id or 0)) if threads else []
+    except OSError:  # it ended already
+        result.extra["cpus"] = sorted(os.sched_getaffinity(0))
     for thread in threads:
         thread.join()
     result.elapsed = time.monotonic() - started

@@ -114,6 +114,47 @@ def pss_kib(root: int) -> int:
     return total
 
 
+def machine_busy_seconds() -> tuple[float, float, float]:
+    """(busy, total, steal) CPU seconds of the whole machine so far, all CPUs
+    (/proc/stat; steal: time the hypervisor gave to others, counted in busy)."""
+    with open("/proc/stat") as handle:
+        fields = [int(f) for f in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    steal = fields[7] if len(fields) > 7 else 0
+    return (total - idle) / TICKS, total / TICKS, steal / TICKS
+
+
+def allowed_cpus(pid: int) -> str:
+    """The CPUs pid may run on (``Cpus_allowed_list``), or "?"."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def set_tree_affinity(root: int, cpus: set[int]) -> int:
+    """Let root, its descendants and all their threads run on ``cpus`` (processes they
+    fork later inherit it); returns how many threads were changed."""
+    changed = 0
+    for pid in process_tree(root):
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                os.sched_setaffinity(int(task), cpus)
+                changed += 1
+            except OSError:
+                continue
+    return changed
+
+
 def raise_nofile(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:

@@ -46,6 +46,27 @@ INFO_ROWS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: the workers scenario: mailgw with workers = 1 and 2, unpinned (columns workers1, workers2)
+WORKER_SERVERS = ("workers1", "workers2")
+WORKER_SCENARIOS = ("workers_pop3s", "workers_imaps")
+WORKER_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("sessions_per_second", "sessions/s", "{:.0f}"),
+    ("cpu_ms_per_session", "gateway CPU ms/session (all processes)", "{:.3f}"),
+    ("supervisor_cpu_ms_per_session", "  of which the supervisor", "{:.3f}"),
+    ("proxy_cores", "gateway CPU used (cores)", "{:.2f}"),
+    ("client_cores", "client CPU used (cores)", "{:.2f}"),
+    ("backend_cores", "Dovecot CPU used (cores)", "{:.2f}"),
+    ("other_cores", "rest of the machine (cores)", "{:.2f}"),
+    ("machine_busy_cores", "machine busy (cores of 2)", "{:.2f}"),
+    ("machine_steal_cores", "  of which steal (hypervisor)", "{:.2f}"),
+    ("client_cpu_ms_per_session", "client CPU ms/session", "{:.3f}"),
+    ("backend_cpu_ms_per_session", "Dovecot CPU ms/session", "{:.3f}"),
+    ("latency_ms_p50", "session latency p50 ms", "{:.0f}"),
+    ("latency_ms_p95", "session latency p95 ms", "{:.0f}"),
+    ("errors", "failed sessions", "{:.0f}"),
+)
+
+
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -94,6 +115,19 @@ def table(summary: dict[str, dict[str, dict[str, float]]], conditions: dict[str,
                 continue
             name = f"{scenario}: {label}"
             lines.append(f"{name:<42} " + " ".join(f"{_cell(v, fmt):>9}" for v in values) + f" {'':>8}")
+    if any(scenario in summary for scenario in WORKER_SCENARIOS):
+        header = f"{'workers scenario (mailgw, unpinned)':<48} {'workers=1':>9} {'workers=2':>9} {'w2/w1':>8}"
+        lines += ["", header, "-" * len(header)]
+        for scenario in WORKER_SCENARIOS:
+            row = summary.get(scenario, {})
+            for metric, label, fmt in WORKER_ROWS:
+                values = [row.get(server, {}).get(metric) for server in WORKER_SERVERS]
+                if all(v is None for v in values):
+                    continue
+                one, two = values
+                ratio = f"{two / one:.2f}" if one is not None and two is not None and one else "-"
+                name = f"{scenario}: {label}"
+                lines.append(f"{name:<48} " + " ".join(f"{_cell(v, fmt):>9}" for v in values) + f" {ratio:>8}")
     return "\n".join(lines)
 
 
@@ -104,6 +138,18 @@ def ratios(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
         mailgw, nginx = row.get("mailgw", {}).get(metric), row.get("nginx", {}).get(metric)
         if mailgw is not None and nginx:
             out[f"{scenario}.{metric}"] = mailgw / nginx
+    return out
+
+
+def worker_ratios(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """workers = 2 over workers = 1, for every figure of the workers scenario."""
+    out: dict[str, float] = {}
+    for scenario in WORKER_SCENARIOS:
+        row = summary.get(scenario, {})
+        for metric, _, _ in WORKER_ROWS:
+            one, two = (row.get(server, {}).get(metric) for server in WORKER_SERVERS)
+            if one and two is not None:
+                out[f"{scenario}.{metric}"] = two / one
     return out
 
 

@@ -12,7 +12,8 @@ threads) and the auth_http responder to CPU 1.  Scenarios (see bench/README.md):
 ``rate`` (32 concurrent POP3S and IMAPS sessions), ``resume`` (the same with TLS session
 resumption), ``bcrypt`` (200 cost-12 users), ``transfer`` (10 MiB RETR and FETCH),
 ``idle`` (idle IMAPS sessions, PSS, fresh processes), ``poller`` (mailgw's poller vs
-fetchmail), ``inspected`` (RETR through clamd).  Every figure is the median of ``--runs``.
+fetchmail), ``inspected`` (RETR through clamd), ``workers`` (the session rate of mailgw
+with workers = 1 and workers = 2, unpinned).  Every figure is the median of ``--runs``.
 
 Exit status 2 when nginx or its mail module is missing and cannot be installed.
 """
@@ -20,33 +21,122 @@ Exit status 2 when nginx or its mail module is missing and cannot be installed.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import clients, report, users
-from bench.common import INSPECTED_USER, PASSWORD, USER, cpu_seconds, log, pss_kib, raise_nofile
-from bench.servers import Stack, ensure_nginx, start_stack
+from bench.common import (
+    INSPECTED_USER,
+    PASSWORD,
+    USER,
+    Managed,
+    allowed_cpus,
+    cpu_seconds,
+    log,
+    machine_busy_seconds,
+    process_tree,
+    pss_kib,
+    raise_nofile,
+    set_tree_affinity,
+)
+from bench.servers import Ports, Stack, ensure_nginx, start_mailgw, start_stack
 from tests.servers.dovecot import BIG_MESSAGE_SIZE
 
-SCENARIOS = ("rate", "resume", "bcrypt", "transfer", "idle", "inspected", "poller")
+SCENARIOS = ("rate", "resume", "bcrypt", "transfer", "idle", "inspected", "poller", "workers")
 PROXIES = ("mailgw", "nginx")
 ALL_SERVERS = ("mailgw", "nginx", "dovecot")
 Results = dict[str, dict[str, list[dict[str, Any]]]]
+#: gateway.workers of the two gateways of the workers scenario
+WORKER_COUNTS = (1, 2)
+MAILGWCTL = str(Path(sys.executable).parent / "mailgwctl")
+
+
+@dataclass
+class Target:
+    """A gateway started for one scenario (not part of the stack)."""
+
+    name: str  # the results' column: "workers1", "workers2"
+    process: Managed
+    ports: Ports
+    admin_socket: str
+    #: the CPUs the load clients' threads run on (None: the pool's, CPU 1)
+    client_cpus: list[int] | None
+    worker_pids: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def port(self, protocol: str) -> int:
+        return self.ports.pop3s if protocol == "pop3" else self.ports.imaps
+
+
+def mailgw_status(admin_socket: str) -> dict[str, Any]:
+    """``mailgwctl --json status`` of the gateway behind ``admin_socket``."""
+    result = subprocess.run(  # noqa: S603
+        [MAILGWCTL, "--socket", admin_socket, "--timeout", "10", "--json", "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"mailgwctl status: {result.returncode} {result.stderr.strip()[-500:]}")
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def wait_workers(target: Target, count: int, timeout: float = 60.0) -> list[int]:
+    """Wait until the gateway answers and (workers != 1) its ``count`` workers are
+    ready; returns their pids (none for workers = 1, which serves by itself)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            status = mailgw_status(target.admin_socket)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as error:
+            last = error
+        else:
+            workers = status.get("workers") or []
+            if count == 1:
+                return []
+            last = workers
+            if len(workers) == count and all(w.get("state") == "ready" and w.get("pid") for w in workers):
+                pids = [int(w["pid"]) for w in workers]
+                strays = set(pids) - set(process_tree(target.pid))
+                if strays:  # cpu_seconds(supervisor) would miss them
+                    raise RuntimeError(f"{target.name}: workers {sorted(strays)} are not the supervisor's children")
+                return pids
+        time.sleep(0.5)
+    raise RuntimeError(f"{target.name}: {count} workers not ready after {timeout}s: {last!r}\n{target.process.tail()}")
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, stack: Stack, pool: multiprocessing.pool.Pool) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stack: Stack,
+        pool: multiprocessing.pool.Pool,
+        all_cpus: list[int] | None = None,
+    ) -> None:
         self.args = args
         self.stack = stack
         self.pool = pool
         self.results: Results = {}
+        #: every CPU of the machine (the bench process itself is pinned to one)
+        self.all_cpus = all_cpus or sorted(os.sched_getaffinity(0))
+        #: conditions found while running (added to the report's)
+        self.notes: dict[str, Any] = {}
 
     def add(self, scenario: str, server: str, value: dict[str, Any]) -> None:
         self.results.setdefault(scenario, {}).setdefault(server, []).append(value)
@@ -58,21 +148,37 @@ class Bench:
     # -- concurrent sessions -------------------------------------------------------------
 
     def load(
-        self, server: str, protocol: str, seconds: float, accounts: list[clients.Account], resume: bool = False
+        self,
+        server: str,
+        protocol: str,
+        seconds: float,
+        accounts: list[clients.Account],
+        resume: bool = False,
+        *,
+        target: Target | None = None,
     ) -> dict[str, Any]:
+        """``target``: a server not in the stack (the workers scenario), with the CPUs
+        of the clients and the machine's busy time measured too."""
         processes, concurrency = self.args.client_processes, self.args.clients
         per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+        port = self.port(server, protocol) if target is None else target.port(protocol)
+        cpus = target.client_cpus if target is not None else None
         tasks = [
-            clients.LoadTask(protocol, self.port(server, protocol), seconds, n, accounts, resume, offset=i * 7)
+            clients.LoadTask(protocol, port, seconds, n, accounts, resume, offset=i * 7, cpus=cpus)
             for i, n in enumerate(per)
             if n
         ]
-        pid, dovecot_pid, auth_pid = self.stack.pid(server), self.stack.pid("dovecot"), self.stack.auth.pid
+        pid = self.stack.pid(server) if target is None else target.pid
+        dovecot_pid, auth_pid = self.stack.pid("dovecot"), self.stack.auth.pid
+        before_w = {w: cpu_seconds(w) for w in (target.worker_pids if target is not None else [])}
         before, before_dc = cpu_seconds(pid), cpu_seconds(dovecot_pid)
         before_auth = cpu_seconds(auth_pid, precise=False)
+        machine_before, machine_started = machine_busy_seconds(), time.monotonic()
         outcomes: list[clients.LoadResult] = self.pool.map(clients.run_load, tasks)
+        machine_after, machine_ended = machine_busy_seconds(), time.monotonic()
         time.sleep(0.3)  # the last sessions' teardown is the proxy's work too
         proxy = cpu_seconds(pid) - before
+        workers_cpu = sum(cpu_seconds(w) - b for w, b in before_w.items())
         backend = cpu_seconds(dovecot_pid) - before_dc
         auth = cpu_seconds(auth_pid, precise=False) - before_auth
         sessions = sum(o.sessions for o in outcomes)
@@ -105,6 +211,20 @@ class Bench:
             result["cpu_plus_auth_ms_per_session"] = proxy * 1000 / n  # its AAA is in-process
         if resume:
             result["resumed_share"] = sum(o.resumed for o in outcomes) / n
+        if target is not None:
+            busy = machine_after[0] - machine_before[0]
+            total = machine_after[1] - machine_before[1]
+            result["backend_cores"] = backend / elapsed
+            if before_w:
+                result["workers_cpu_ms_per_session"] = workers_cpu * 1000 / n
+                result["supervisor_cpu_ms_per_session"] = (proxy - workers_cpu) * 1000 / n
+            # the whole machine while the clients ran (/proc/stat)
+            result["machine_busy_share"] = busy / total if total else 0.0
+            result["machine_steal_cores"] = (machine_after[2] - machine_before[2]) / (machine_ended - machine_started)
+            result["machine_busy_cores"] = busy / (machine_ended - machine_started)
+            # what the machine did besides gateway, clients and Dovecot (bench, kernel, ...)
+            result["other_cores"] = result["machine_busy_cores"] - (proxy + client_cpu + backend) / elapsed
+            result["client_cpus"] = ",".join(str(c) for c in outcomes[0].extra.get("cpus", []))
         return result
 
     def rate(self, resume: bool) -> None:
@@ -147,6 +267,105 @@ class Bench:
             for server in PROXIES:
                 log(f"bcrypt_pop3s run {run + 1}: {server}")
                 self.add("bcrypt_pop3s", server, self.load(server, "pop3", self.args.seconds, accounts))
+
+    # -- workers -------------------------------------------------------------------------
+
+    def workers(self) -> None:
+        """The session rate of mailgw with workers = 1 and workers = 2, side by side on
+        their own ports, unpinned: the gateways, the load clients' threads and (for the
+        time of the scenario) Dovecot may run on every CPU.  Otherwise the rate
+        scenario's configuration (users, Dovecot, 32 POP3S/IMAPS clients)."""
+        cpus = self.all_cpus
+        dovecot = self.stack.pid("dovecot")
+        dovecot_mask = os.sched_getaffinity(dovecot)
+        targets: list[Target] = []
+        try:
+            set_tree_affinity(dovecot, set(cpus))
+            for count in WORKER_COUNTS:
+                name = f"workers{count}"
+                process, ports, admin = start_mailgw(
+                    self.stack.base / f"mailgw-{name}",
+                    self.stack.dovecot,
+                    self.stack.cert,
+                    self.stack.key,
+                    self.args.idle,
+                    self.stack.hashes,
+                    self.stack.clamd,
+                    cpus=cpus,
+                    workers=count,
+                    name=f"mailgw workers={count}",
+                    started=self.stack.started,
+                )
+                target = Target(name, process, ports, admin, client_cpus=cpus)
+                targets.append(target)
+                target.worker_pids = wait_workers(target, count)
+                log(f"{name}: supervisor {target.pid}, workers {target.worker_pids or '(serves itself)'}")
+            self.notes["workers_scenario"] = (
+                "two mailgw side by side (workers = 1, workers = 2; otherwise the rate scenario's configuration), "
+                + "; ".join(
+                    f"{t.name} may run on CPUs {allowed_cpus(t.pid)}"
+                    + (
+                        f" (its workers on {', '.join(allowed_cpus(w) for w in t.worker_pids)})"
+                        if t.worker_pids
+                        else ""
+                    )
+                    for t in targets
+                )
+                + f"; the load clients' threads on CPUs {','.join(map(str, cpus))}; Dovecot's tree on CPUs "
+                f"{allowed_cpus(dovecot)} during the scenario (before and after: "
+                f"{','.join(map(str, sorted(dovecot_mask)))}); the bench process on CPU "
+                f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}; the stack's nginx and mailgw idle"
+            )
+            log(f"workers: {self.notes['workers_scenario']}")
+            accounts = [(USER, PASSWORD)]
+            for protocol in ("pop3", "imap"):
+                name = f"workers_{protocol}s"
+                for target in targets:
+                    self.load(target.name, protocol, self.args.warmup, accounts, target=target)  # warm-up
+                for run in range(self.args.runs):
+                    for target in targets:
+                        log(f"{name} run {run + 1}: mailgw {target.name}")
+                        self.add(
+                            name,
+                            target.name,
+                            self.load(target.name, protocol, self.args.seconds, accounts, target=target),
+                        )
+            if self.args.profile is not None:
+                self.profile_workers(targets[-1], self.args.profile)
+            for target in targets:  # a worker restarted during the runs would make the CPU figures wrong
+                if target.worker_pids:
+                    now = [int(w["pid"]) for w in mailgw_status(target.admin_socket).get("workers") or []]
+                    if now != target.worker_pids:
+                        log(f"warning: {target.name}: workers were {target.worker_pids}, now {now}")
+                        self.notes[f"{target.name}_restarted"] = f"workers {target.worker_pids} -> {now}"
+        finally:
+            for target in targets:
+                target.process.stop()
+            set_tree_affinity(dovecot, dovecot_mask)
+
+    def profile_workers(self, target: Target, folder: Path) -> None:
+        """py-spy on the supervisor and each worker of ``target`` under the POP3S load of
+        the workers scenario (not counted in the results)."""
+        from bench import profile
+
+        folder.mkdir(parents=True, exist_ok=True)
+        pids = {"supervisor": target.pid} | {f"worker{i + 1}": pid for i, pid in enumerate(target.worker_pids)}
+        spies = {}
+        for role, pid in pids.items():
+            stacks = folder / f"{target.name}-{role}-pop3s.txt"
+            log(f"profile: py-spy on {target.name} {role} ({pid}) -> {stacks}")
+            spies[role] = (stacks, profile.attach(pid, self.args.seconds + 1, stacks))
+        time.sleep(0.5)
+        outcome = self.load(target.name, "pop3", self.args.seconds, [(USER, PASSWORD)], target=target)
+        for role, (stacks, spy) in spies.items():
+            spy.wait(timeout=60)
+            summary = profile.summarize(stacks) if stacks.exists() else "py-spy wrote nothing"
+            header = (
+                f"mailgw {target.name} {role} under workers-pop3s: {outcome['cpu_ms_per_session']:.3f} ms "
+                f"gateway CPU/session while sampled ({outcome.get('supervisor_cpu_ms_per_session', 0):.3f} in the "
+                "supervisor)"
+            )
+            (folder / f"{target.name}-{role}-pop3s.summary.txt").write_text(header + "\n" + summary + "\n")
 
     # -- transfer ------------------------------------------------------------------------
 
@@ -362,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         }
         log(f"conditions: {conditions}")
-        bench = Bench(args, stack, pool)
+        bench = Bench(args, stack, pool, all_cpus=cpus)
         for scenario in args.only:
             if args.json and args.json != "-" and bench.results:  # what is done so far, in case of a crash
                 report.write_json(args.json + ".partial", {"conditions": conditions, "runs": bench.results})
@@ -382,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import poller
 
                 poller.run(bench, base, proxy_cpu, args.profile)
+            elif scenario == "workers":
+                bench.workers()
+            conditions.update(bench.notes)
         if args.profile is not None:
             bench.profile(args.profile)
     finally:
@@ -405,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                 "conditions": conditions,
                 "medians": summary,
                 "ratio_mailgw_over_nginx": report.ratios(summary),
+                "ratio_workers2_over_workers1": report.worker_ratios(summary),
                 "runs": results,
             },
         )

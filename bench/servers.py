@@ -219,6 +219,7 @@ class Stack:
     mailgw: Managed
     ports: dict[str, Ports]
     accounts: dict[str, str]
+    hashes: dict[str, str] = field(default_factory=dict)
     clamd: Any = None
     started: list[Any] = field(default_factory=list)
 
@@ -270,9 +271,6 @@ def start_stack(
     with_clamd: bool = True,
 ) -> Stack:
     """Dovecot, auth_http + nginx, clamd (when installed) and mailgw, all listening."""
-    from tests.gateway import Gateway
-    from tests.servers.pki import TestPKI
-
     started: list[Any] = []
     try:
         cert, key = self_signed_ecdsa(base)
@@ -343,14 +341,6 @@ def start_stack(
         )
         started.append(nginx)
 
-        # mailgw
-        gw_dir = base / "mailgw"
-        gw_dir.mkdir()
-        fast_users: dict[str, tuple[str, str | None]] = {
-            USER: (PASSWORD, None),
-            INSPECTED_USER: (PASSWORD, "Inspected"),
-        }
-        gateway = Gateway(gw_dir, TestPKI(gw_dir / "pki"), fast_users)
         clamd = None
         if with_clamd and (shutil.which("clamd") or Path("/usr/sbin/clamd").exists()):
             from tests.servers.clamd import Clamd
@@ -360,29 +350,9 @@ def start_stack(
             started.append(clamd)
         elif with_clamd:
             log("clamd missing (apt-get install clamav-daemon): no inspected scenario")
-        started.append(("rmtree", gateway.socket_dir))
-        data = gateway.config_data(
-            {"default_server": {"host": HOST, "port": dovecot.pop3_port, "tls": "none"}},
-            imap4s={"default_server": {"host": HOST, "port": dovecot.imap_port, "tls": "none"}},
+        mailgw, mailgw_ports, _ = start_mailgw(
+            base / "mailgw", dovecot, cert, key, idle, hashes, clamd, pinned_to=proxy_cpu, started=started
         )
-        data["tls"] = {"certificate": cert, "private_key": key}
-        data["group_policy"] = [{"name": "DfltGrpPolicy", "simultaneous_logins": idle + 100}]
-        if clamd is not None:
-            data["group_policy"].append({"name": "Inspected", "inspection": "bench"})
-            data["inspection"] = [{"name": "bench", "clamd": str(clamd.address)}]
-        else:
-            data["group_policy"].append({"name": "Inspected", "simultaneous_logins": idle + 100})
-        config_path = gateway.write_config(data)
-        (gw_dir / "users.toml").write_text(_users_toml(hashes, fast_users))
-        twistd = str(Path(sys.executable).parent / "twistd")
-        mailgw = Managed(
-            "mailgw",
-            pinned([twistd, "-n", "--pidfile=", "mailgw", "--config", str(config_path)], proxy_cpu),
-            gw_dir,
-            gw_dir / "twistd.out",
-            (data["pop3s"]["port"], data["imap4s"]["port"]),
-        )
-        started.append(mailgw)
     except BaseException:
         for item in reversed(started):
             if not isinstance(item, tuple):
@@ -398,13 +368,71 @@ def start_stack(
         mailgw=mailgw,
         ports={
             "nginx": Ports(n_pop3s, n_imaps),
-            "mailgw": Ports(data["pop3s"]["port"], data["imap4s"]["port"]),
+            "mailgw": mailgw_ports,
             "dovecot": Ports(dovecot.pop3s_port, dovecot.imaps_port),
         },
         accounts=accounts,
+        hashes=hashes,
         clamd=clamd,
         started=started,
     )
+
+
+def start_mailgw(
+    gw_dir: Path,
+    dovecot: Dovecot,
+    cert: str,
+    key: str,
+    idle: int,
+    hashes: dict[str, str],
+    clamd: Any,
+    *,
+    pinned_to: int | None = None,
+    cpus: list[int] | None = None,
+    workers: int | None = None,
+    name: str = "mailgw",
+    started: list[Any],
+) -> tuple[Managed, Ports, str]:
+    """mailgw under ``twistd`` in front of ``dovecot``, listening: (process, its POP3S and
+    IMAPS ports, its admin socket).  ``pinned_to``: one CPU (``taskset``); else ``cpus``:
+    the CPUs it may run on (``taskset`` too: the bench process is pinned and its children
+    inherit that); ``workers``: ``gateway.workers`` (None: the default, one process).
+    What is started is appended to ``started`` (for :meth:`Stack.stop`)."""
+    from tests.gateway import Gateway
+    from tests.servers.pki import TestPKI
+
+    gw_dir.mkdir()
+    fast_users: dict[str, tuple[str, str | None]] = {
+        USER: (PASSWORD, None),
+        INSPECTED_USER: (PASSWORD, "Inspected"),
+    }
+    gateway = Gateway(gw_dir, TestPKI(gw_dir / "pki"), fast_users)
+    started.append(("rmtree", gateway.socket_dir))
+    data = gateway.config_data(
+        {"default_server": {"host": HOST, "port": dovecot.pop3_port, "tls": "none"}},
+        imap4s={"default_server": {"host": HOST, "port": dovecot.imap_port, "tls": "none"}},
+    )
+    if workers is not None:
+        data["gateway"]["workers"] = workers
+    data["tls"] = {"certificate": cert, "private_key": key}
+    data["group_policy"] = [{"name": "DfltGrpPolicy", "simultaneous_logins": idle + 100}]
+    if clamd is not None:
+        data["group_policy"].append({"name": "Inspected", "inspection": "bench"})
+        data["inspection"] = [{"name": "bench", "clamd": str(clamd.address)}]
+    else:
+        data["group_policy"].append({"name": "Inspected", "simultaneous_logins": idle + 100})
+    config_path = gateway.write_config(data)
+    (gw_dir / "users.toml").write_text(_users_toml(hashes, fast_users))
+    twistd = str(Path(sys.executable).parent / "twistd")
+    argv = [twistd, "-n", "--pidfile=", "mailgw", "--config", str(config_path)]
+    if pinned_to is not None:
+        argv = pinned(argv, pinned_to)
+    elif cpus is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", ",".join(str(cpu) for cpu in cpus), *argv]
+    ports = Ports(data["pop3s"]["port"], data["imap4s"]["port"])
+    mailgw = Managed(name, argv, gw_dir, gw_dir / "twistd.out", (ports.pop3s, ports.imaps))
+    started.append(mailgw)
+    return mailgw, ports, str(data["admin"]["socket"])
 
 
 def dovecot_pids(stack: Stack) -> list[int]:
