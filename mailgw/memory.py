@@ -6,7 +6,7 @@ A flood of connections that never log in makes the process allocate for each of 
 for a long time, and what they freed stays in glibc's heaps, fragmented, so the
 process would stay at its peak size.  L{LiveConnections} counts the connections that
 went and, after a batch of them that has at least halved the connections held since
-the last trim (at most every C{min_interval} seconds), collects the cycles and asks the
+the last trim (and by at least a batch) (at most every C{min_interval} seconds), collects the cycles and asks the
 allocator to return its free pages (C{malloc_trim}), so the gateway's memory follows
 its load back down [4.10].  Under a steady load (as many connections opening as
 closing) nothing is trimmed: the memory is about to be used again, and a full
@@ -41,7 +41,7 @@ def _malloc_trim() -> Callable[[], object] | None:
 class LiveConnections(Generic[T]):
     """The sessions whose connections are not all gone yet (a set), with the
     memory trim after C{batch} sessions went that leave at most half of the most
-    held since the last trim.
+    held since the last trim, and at least C{batch} fewer.
 
     @param clock: schedules the trim (C{delay} seconds after the batch is complete,
         so that one trim covers a whole wave of closes).
@@ -97,6 +97,7 @@ class LiveConnections(Generic[T]):
         if (
             self._gone >= self._batch
             and 2 * len(self._items) <= self._peak
+            and self._peak - len(self._items) >= self._batch
             and self._call is None
             and not self._stopped
         ):

@@ -43,15 +43,30 @@ class LiveConnectionsTests(SynchronousTestCase):
         self.assertEqual(self.trimmed, [])
         self.assertEqual(len(self.live), 32)
 
+    def test_fluctuationNeverTrims(self) -> None:
+        """A worker's share of a load swinging between 4 and 30 sessions (halved
+        again and again, but never by a batch): no trim."""
+        held = 0
+        for _round in range(2000):
+            for _ in range(30 - held):
+                self.live.add(held)
+                held += 1
+            while held > 4:
+                held -= 1
+                self.live.discard(held)
+            self.clock.advance(0.01)
+        self.clock.advance(10)
+        self.assertEqual(self.trimmed, [])
+
     def test_loadEndsThenTrims(self) -> None:
-        """After the steady load, its connections closing (32, fewer than a batch, but
-        the batch counts every close since the last trim) bring the trim."""
-        for n in range(32):
+        """After a load of 200 sessions at a time, their closing brings the trim."""
+        for n in range(200):
             self.live.add(n)
-        for n in range(32, 1032):
+        for n in range(200, 1200):
             self.live.add(n)
-            self.live.discard(n - 32)
-        for n in range(1000, 1032):
+            self.live.discard(n - 200)
+        self.assertEqual(self.trimmed, [])
+        for n in range(1000, 1200):
             self.live.discard(n)
         self.clock.advance(0.5)
         self.assertEqual(len(self.trimmed), 1)
