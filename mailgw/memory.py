@@ -5,10 +5,10 @@ A flood of connections that never log in makes the process allocate for each of 
 (protocol and transport) for Python's oldest-generation collection, which may not come
 for a long time, and what they freed stays in glibc's heaps, fragmented, so the
 process would stay at its peak size.  L{LiveConnections} counts the connections that
-went and, after a batch of them that has at least halved the connections held since
-the last trim (and by at least a batch) (at most every C{min_interval} seconds), collects the cycles and asks the
-allocator to return its free pages (C{malloc_trim}), so the gateway's memory follows
-its load back down [4.10].  Under a steady load (as many connections opening as
+went and, once a batch of them has at least halved the connections held since the
+last trim (and by at least a batch), collects the cycles and asks the allocator to
+return its free pages (C{malloc_trim}), at most every C{min_interval} seconds, so the
+gateway's memory follows its load back down [4.10].  Under a steady load (as many connections opening as
 closing) nothing is trimmed: the memory is about to be used again, and a full
 collection of a busy process costs more than its allocations.
 """
