@@ -67,6 +67,7 @@ from mailgw.sso.portal import PortalResource, portal_service, portal_site
 from mailgw.state import StateService, open_state
 from mailgw.systemd import SystemdNotifier
 from mailgw.tls import ServerTLS, TLSConfigError, ensure_self_signed
+from mailgw.tlstickets import TicketKeyRotation, TicketKeys
 from mailgw.upstream import Connector
 from mailgw.upstream.smtpprobe import SMTPCapabilities
 from mailgw.workers.sockets import DirectSockets, HeldSockets, ListenSockets
@@ -145,6 +146,15 @@ class GatewayService(MultiService):
         #: remembered successful checks [5.6]; its HMAC key is made here, per process
         self.auth_cache = AuthCache(reactor)
         self.metrics.auth_cache = self.auth_cache
+        #: the TLS session-ticket key of every context (a worker: its supervisor's,
+        #: pushed to it on each rotation) [4.1, 10]
+        self.ticket_keys = TicketKeys(worker.ticket_key if worker is not None else None)
+        #: who makes new ticket keys: this process unless it is a worker
+        self.ticket_rotation: TicketKeyRotation | None = None
+        if worker is None:
+            self.ticket_rotation = TicketKeyRotation(reactor, self.ticket_keys.key)
+            self.ticket_rotation.subscribe(self.ticket_keys.set)
+            self.ticket_rotation.setServiceParent(self)
         # With workers, READY=1 waits until every worker serves (sent by the pool).
         self.notifier = SystemdNotifier(notify_on_start=not supervising)
         self.log_observer: ILogObserver = make_observer(config.gateway.log_format, sys.stdout)
@@ -242,6 +252,7 @@ class GatewayService(MultiService):
                 penalty=self.penalty,
                 notifier=self.notifier,
                 limits=pending_limits(config),
+                ticket_rotation=self.ticket_rotation,
             )
             self.pool.setServiceParent(self)  # after the listeners: their sockets are bound
         #: the remote POP poller: one per machine, in the supervisor (not in workers)
@@ -327,6 +338,7 @@ class GatewayService(MultiService):
             client_certificate=tls.client_certificate,  # type: ignore[arg-type]
             client_ca=tls.client_ca,
         )
+        self.ticket_keys.use(server_tls.getContext())
         realm = GatewayRealm(config.group_policy)
         old_inspection = self.inspection
         # Each worker spools in a folder of its own: cleaning it at start must not

@@ -329,8 +329,9 @@ class ServerTLS:
     server session cache and session tickets (TLS 1.2 and 1.3) are on, with a session id
     context derived from the configuration, which OpenSSL requires to resume sessions
     when client certificates are requested; a resumed session keeps its verified client
-    certificate. Ticket keys are random per context, so tickets do not survive a restart
-    or a reload, and are not shared between worker processes.
+    certificate. The ticket key is random per context until the gateway gives the
+    context its shared, rotated key (L{mailgw.tlstickets.TicketKeys.use}): then tickets
+    resume across reloads and worker processes, not across restarts.
 
     Client certificates: C{"none"} requests none; C{"optional"} requests one and
     verifies it if sent (an invalid certificate fails the handshake; no certificate is

@@ -372,6 +372,42 @@ class WorkersTests(WorkersBase):
             self.assertFalse(await in_thread(self.works, client))
             client.sock.close()
 
+    async def test_tlsSessionResumesOnTheOtherWorker(self) -> None:
+        """The workers share the TLS session-ticket key [4.1]: a session (TLS 1.3
+        ticket, Python's ssl client) issued by one worker resumes on the other. Which
+        worker accepts is made certain by stopping the other one (SIGSTOP) while
+        connecting."""
+        await self.start()
+        pids = {w["worker"]: w["pid"] for w in (await self.status())["workers"]}
+        port = self.data["pop3s"]["port"]
+        context = self.context()
+
+        def connect(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool]:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            with context.wrap_socket(sock, server_hostname="127.0.0.1", session=session) as tls:
+                greeting = tls.recv(1024)  # also reads the tickets sent after the handshake
+                self.assertTrue(greeting.startswith(b"+OK"), greeting)
+                tls.sendall(b"QUIT\r\n")
+                tls.recv(1024)
+                assert tls.session is not None
+                return tls.session, tls.session_reused
+
+        async def served_by(index: int, session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool]:
+            other = pids[3 - index]
+            os.kill(other, signal.SIGSTOP)
+            try:
+                return await in_thread(connect, session)
+            finally:
+                os.kill(other, signal.SIGCONT)
+
+        session, reused = await served_by(1, None)
+        self.assertFalse(reused)
+        _, reused = await served_by(1, session)
+        self.assertTrue(reused, "no resumption even on the same worker")
+        _, reused = await served_by(2, session)
+        self.assertTrue(reused, "a session of worker 1 did not resume on worker 2")
+        self.assertNotIn("not shared between workers", self.collector.out.decode())
+
 
 class WorkersLifeTests(WorkersBase):
     async def test_readyAfterEveryWorker(self) -> None:

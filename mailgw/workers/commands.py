@@ -13,11 +13,12 @@ from mailgw.admin.commands import JSON
 
 class Hello(amp.Command):
     """A worker started: which one it is.  The supervisor sends it the listening
-    sockets (L{AdoptListener}) before it answers with the unauthenticated-session
-    limits to report for (L{Track})."""
+    sockets (L{AdoptListener}) before it answers whether to report its
+    unauthenticated sessions (L{Track}) and the current TLS session-ticket key
+    (L{mailgw.tlstickets}; absent when the supervisor rotates none)."""
 
     arguments = [(b"index", amp.Integer()), (b"pid", amp.Integer())]
-    response = [(b"track", amp.Boolean())]
+    response = [(b"track", amp.Boolean()), (b"ticket_key", amp.String(optional=True))]
 
 
 class Ready(amp.Command):
@@ -77,6 +78,14 @@ class Track(amp.Command):
     """Whether to report the non-authenticated sessions (some proxy has a limit)."""
 
     arguments = [(b"track", amp.Boolean())]
+
+
+class TicketKey(amp.Command):
+    """The TLS session-ticket key changed (a rotation): every worker's contexts take it,
+    so a ticket one worker issued resumes on any other."""
+
+    arguments = [(b"key", amp.String())]
+    requiresAnswer = False
 
 
 class Reload(amp.Command):

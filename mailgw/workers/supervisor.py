@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from mailgw.auth.limits import PenaltyTable
 from mailgw.state.directory import DirectorySession
 from mailgw.systemd import SystemdNotifier
+from mailgw.tlstickets import TicketKeyRotation
 from mailgw.workers import commands as c
 from mailgw.workers.anvil import Anvil, LogOff, parse_events
 from mailgw.workers.sockets import HeldSockets
@@ -154,6 +155,7 @@ class WorkerPool(Service):
         penalty: PenaltyTable,
         notifier: SystemdNotifier,
         limits: Mapping[str, int],
+        ticket_rotation: TicketKeyRotation | None = None,
         environ: Mapping[str, str] = os.environ,
         python: str = sys.executable,
     ) -> None:
@@ -165,6 +167,10 @@ class WorkerPool(Service):
         self.penalty = penalty
         self.notifier = notifier
         self.anvil = Anvil(limits)
+        #: the TLS session-ticket key every worker uses [4.1]; each rotation goes to all
+        self.ticket_rotation = ticket_rotation
+        if ticket_rotation is not None:
+            ticket_rotation.subscribe(self._ticket_key_changed)
         # The workers must not speak to systemd: NotifyAccess=main refuses them.
         self._environ = {k: v for k, v in environ.items() if k != "NOTIFY_SOCKET"}
         self._python = python
@@ -227,7 +233,17 @@ class WorkerPool(Service):
         if index != slot.index:
             self.log.warn("Worker {worker} said it is worker {index}", worker=slot.index, index=index)
         self._send_listeners(slot, channel)
-        return {"track": self.track}
+        answer: dict[str, Any] = {"track": self.track}
+        if self.ticket_rotation is not None:
+            answer["ticket_key"] = self.ticket_rotation.key
+        return answer
+
+    def _ticket_key_changed(self, key: bytes) -> None:
+        # Every worker with a channel: one that has not said Hello yet gets the same
+        # key again in the answer.
+        for slot in self.slots:
+            if slot.channel is not None:
+                slot.channel.callRemote(c.TicketKey, key=key)
 
     def _send_listeners(self, slot: WorkerSlot, channel: SupervisorChannel) -> None:
         for key, port in list(self.held.ports.items()):

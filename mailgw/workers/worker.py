@@ -58,6 +58,8 @@ class WorkerRole:
     sockets: AdoptedSockets
     channel: WorkerChannel
     track: bool = False
+    #: the supervisor's TLS session-ticket key at the start (None: the worker's own)
+    ticket_key: bytes | None = None
 
 
 def worker_node(node_name: str, index: int) -> str:
@@ -81,6 +83,7 @@ class WorkerChannel(amp.AMP):
         self.connected = False
         #: what the supervisor said before the gateway existed
         self.track = False
+        self.ticket_key: bytes | None = None
         self.drain: Callable[[], None] = lambda: None
 
     def connectionMade(self) -> None:
@@ -118,6 +121,13 @@ class WorkerChannel(amp.AMP):
         self.track = track
         if self.reporter is not None:
             self.reporter.enabled = track
+        return {}
+
+    @c.TicketKey.responder
+    def ticket_key_changed(self, key: bytes) -> dict[str, Any]:
+        self.ticket_key = key
+        if self.gateway is not None:
+            self.gateway.ticket_keys.set(key)
         return {}
 
     @c.Reload.responder
@@ -329,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def start() -> None:
         answer = await channel.call(c.Hello, index=options.index, pid=os.getpid())
-        role = WorkerRole(options.index, sockets, channel, track=bool(answer["track"]))
+        # The newest key: a rotation's TicketKey sent before this answer is older.
+        channel.ticket_key = answer.get("ticket_key")
+        role = WorkerRole(options.index, sockets, channel, track=bool(answer["track"]), ticket_key=channel.ticket_key)
         gateway = build(config, reactor, worker=role)
         channel.gateway = gateway
         reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)  # type: ignore[attr-defined]
