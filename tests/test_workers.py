@@ -390,13 +390,14 @@ class WorkersTests(WorkersBase):
                 tls.sendall(b"QUIT\r\n")
                 tls.recv(1024)
                 assert tls.session is not None
-                return tls.session, tls.session_reused
+                return tls.session, bool(tls.session_reused)
 
         async def served_by(index: int, session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool]:
             other = pids[3 - index]
             os.kill(other, signal.SIGSTOP)
             try:
-                return await in_thread(connect, session)
+                result: tuple[ssl.SSLSession, bool] = await in_thread(connect, session)
+                return result
             finally:
                 os.kill(other, signal.SIGCONT)
 
