@@ -108,8 +108,8 @@ class TicketKeyTests(TestCase):
 
     def test_ownKeysDoNotResume(self) -> None:
         """The control of the test above: contexts with keys of their own (what every
-        context has without L{TicketKeys}) do not resume each other's tickets (with the
-        session cache disabled on the client's side, only tickets could)."""
+        context has without L{TicketKeys}) do not resume each other's tickets (the server
+        session cache is per context, so only a ticket could)."""
         first, second = self.server(), self.server()
         TicketKeys().use(first.getContext())
         TicketKeys().use(second.getContext())
