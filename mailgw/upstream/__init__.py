@@ -81,7 +81,6 @@ class UpstreamLoginRejected(UpstreamError):
 
 P = TypeVar("P", bound="UpstreamProtocol")
 
-
 class UpstreamProtocol(Protocol, metaclass=ABCMeta):
     """Base of the per-protocol login clients.
 
@@ -129,7 +128,17 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
         self._sink = sink
         self._lost = lost
         self.dataReceived = sink  # type: ignore[method-assign,assignment]
-        return self._lines.take_rest()
+        rest = self._lines.take_rest()
+        self.release_login_state()
+        return rest
+
+    def release_login_state(self) -> None:
+        """Drop what only the login needed (the relay keeps this object for the whole
+        session [10]): the client's origin and the TLS options (the line framer was
+        emptied by L{attach}).  Subclasses drop their own (capabilities, answers) and
+        call this."""
+        self.origin = None
+        self._tls_options = None
 
     # -- Protocol ------------------------------------------------------------------
 

@@ -43,6 +43,13 @@ class IMAP4UpstreamLogin(UpstreamProtocol):
         self._chunks: list[bytes] = []
         self._ok: imap4.Response | None = None
 
+    def release_login_state(self) -> None:
+        self._capabilities = ()
+        self._raw_capabilities = b""
+        self._chunks = []
+        self._ok = None
+        super().release_login_state()
+
     def _command(self, text: bytes) -> None:
         self._serial += 1
         self._tag = f"mgw{self._serial}"

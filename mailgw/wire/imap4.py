@@ -83,6 +83,7 @@ and no event or error message ever contains client input beyond a tag.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -423,6 +424,22 @@ class CommandReader:
     (defaults :data:`DEFAULT_MAX_LINE`, :data:`DEFAULT_MAX_LITERAL`,
     :data:`DEFAULT_MAX_COMMAND`).  A literal is also bounded by ``max_command``.
     """
+
+    __slots__ = (
+        "_discarding",
+        "_fed",
+        "_lines",
+        "_literal",
+        "_max_command",
+        "_max_literal",
+        "_parser",
+        "_pos",
+        "_raw",
+        "_size",
+        "_state",
+        "_tag",
+        "_want",
+    )
 
     def __init__(
         self,
@@ -881,7 +898,7 @@ def parse_response(line: bytes) -> Response:
         if keyword in _STATUSES:
             return _status_response("*", keyword, after)
         text = _decode_text(after)
-        capabilities = tuple(cap.upper() for cap in text.split()) if keyword == "CAPABILITY" else None
+        capabilities = _capability_tuple(text) if keyword == "CAPABILITY" else None
         marker = _find_marker(after)
         size = marker.size if marker is not None and not marker.nonsync and not marker.literal8 else None
         return Response(tag="*", keyword=keyword, text=text, capabilities=capabilities, literal=size)
@@ -902,7 +919,7 @@ def _status_response(tag: str, status: str, rest: bytes) -> Response:
             code = rest[1:name_end].decode("ascii").upper()
             code_args = _decode_text(rest[name_end + 1 : close]) if name_end < close else ""
             rest = rest[close + 1 :].removeprefix(b" ")
-    capabilities = tuple(cap.upper() for cap in code_args.split()) if code == "CAPABILITY" else None
+    capabilities = _capability_tuple(code_args) if code == "CAPABILITY" else None
     return Response(
         tag=tag,
         status=status,
@@ -914,6 +931,13 @@ def _status_response(tag: str, status: str, rest: bytes) -> Response:
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_tuple(text: str) -> tuple[str, ...]:
+    """The upper-cased capabilities of a CAPABILITY list.  A server answers every login
+    with the same list: parsed once, and every session shares the one tuple."""
+    return tuple(cap.upper() for cap in text.split())
 
 
 def _resp_text(text: str, code: str | None) -> bytes:

@@ -55,6 +55,8 @@ Line: TypeAlias = bytes | TooLong
 class LineBuffer:
     """Splits a byte stream into lines, bounded by ``max_length``; see the module docstring."""
 
+    __slots__ = ("_buf", "_discarding", "_max", "_scanned", "_start")
+
     def __init__(self, max_length: int) -> None:
         if max_length < 1:
             raise ValueError("max_length must be at least 1")
