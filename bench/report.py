@@ -27,6 +27,7 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
     ("fetch", "cpu_ms_per_mib", "FETCH 10 MiB: CPU ms/MiB", "{:.3f}"),
     ("fetch", "mib_per_second", "FETCH 10 MiB: MiB/s", "{:.0f}"),
     ("idle", "pss_kib_per_session", "idle IMAPS: PSS KiB/session", "{:.1f}"),
+    ("idle", "ssl_new_kib", "  of it: one SSL_new of its OpenSSL, KiB", "{:.1f}"),
     ("inspected", "cpu_ms_per_mib", "RETR inspected (clamd): CPU ms/MiB", "{:.3f}"),
     ("inspected", "clamd_cpu_ms_per_mib", "  clamd's own CPU ms/MiB", "{:.3f}"),
     ("poller", "messages_per_second", "poller 2000 msgs: messages/s", "{:.0f}"),

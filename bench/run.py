@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import clients, report, users
+from bench import clients, report, sslnew, users
 from bench.common import (
     INSPECTED_USER,
     PASSWORD,
@@ -447,6 +447,11 @@ class Bench:
 
     def idle(self) -> None:
         context = multiprocessing.get_context("spawn")
+        # One TLS connection object of each proxy's OpenSSL (pyOpenSSL's, the system's
+        # for nginx): part of every idle session that neither proxy's code decides.
+        openssl = {"mailgw": sslnew.measure("pyopenssl"), "nginx": sslnew.measure("system")}
+        for server, figure in openssl.items():
+            log(f"idle {server}: {figure['version']}, SSL_new {figure['kib']:.1f} KiB")
         for run in range(self.args.runs):
             for server in PROXIES:
                 log(f"idle run {run + 1}: {server}, fresh process, {self.args.idle} IMAPS sessions")
@@ -491,6 +496,8 @@ class Bench:
                         "pss_kib_baseline": before,
                         "pss_kib_loaded": after,
                         "pss_kib_per_session": (after - before) / max(opened, 1),
+                        "ssl_new_kib": openssl[server]["kib"],
+                        "openssl": openssl[server]["version"],
                     },
                 )
                 time.sleep(2.0)  # let the proxy and Dovecot close them
