@@ -36,6 +36,7 @@ from twisted.logger import ILogObserver, Logger
 
 from mailgw.admin.channel import AdminSocketError, socket_answers, socket_path_problem
 from mailgw.config import Config, ConfigError, LdapGroup, LocalGroup, Pop3Group
+from mailgw.memory import freeze_startup_objects
 
 __all__ = [
     "START_ERRORS",
@@ -370,3 +371,4 @@ class StartupGuard(MultiService):
             super().startService()
         except START_ERRORS as e:
             self._failed(e)
+        freeze_startup_objects()

@@ -7,18 +7,20 @@ invalid configuration: tests/test_daemon.py."""
 from __future__ import annotations
 
 import errno
+import gc
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from twisted.application.service import Service
 from twisted.internet import protocol, reactor
 from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailgw.admin.channel import UnsafeSocketPath
 from mailgw.config import Config, load_config
-from mailgw.startup import describe_start_error
+from mailgw.startup import StartupGuard, describe_start_error
 from tests.gateway import Gateway
 from tests.servers.base import free_ports
 from tests.servers.pki import TestPKI
@@ -114,3 +116,21 @@ class DescribeStartErrorTests(SynchronousTestCase):
             f"gateway.state_dir: {state}: Permission denied (choose a state_dir the daemon's user can create and"
             " write)",
         )
+
+
+class FreezeTests(SynchronousTestCase):
+    def test_startupObjectsFrozen(self) -> None:
+        """Once the tree has started under twistd, what the start-up made is out of the
+        collector's generations (gc.freeze) [10]; the objects made afterwards are not."""
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
+        # The configuration names the problem when starting fails; this start does not.
+        guard = StartupGuard(Service(), cast(Config, None))
+        self.assertEqual(gc.get_freeze_count(), 0)
+        guard.startService()
+        self.addCleanup(guard.stopService)
+        frozen = gc.get_freeze_count()
+        self.assertGreater(frozen, 1000)
+        later: list[object] = [object() for _ in range(10)]
+        self.assertEqual(gc.get_freeze_count(), frozen)
+        self.assertTrue(gc.is_tracked(later))

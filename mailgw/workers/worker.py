@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.admin.commands import scrub
+from mailgw.memory import freeze_startup_objects
 from mailgw.proxy.directory import DirectoryUnavailable, ISessionDirectory
 from mailgw.proxy.registry import SessionInfo, SessionRegistry, SessionState
 from mailgw.state.directory import DirectorySession
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)  # type: ignore[attr-defined]
         gateway.startService()
         sockets.close_unused()
+        freeze_startup_objects()
         log.info(
             "Worker {worker} (pid {pid}) serves {count} listeners",
             worker=options.index,
