@@ -6,8 +6,8 @@ fields of an event, never objects (which could serialize a secret).
 
 Both write what Twisted's own observers write, more cheaply [10]: a session logs a few
 lines, and Twisted formats each with C{string.Formatter} (pure Python) and a new time
-zone and C{datetime} per line — about a tenth of the gateway's CPU per session under a
-login load. Here the message of an ordinary event is C{str.format_map} of its format
+zone and C{datetime} per line — about a tenth of the gateway's Python time under a
+login load (bench/README.md). Here the message of an ordinary event is C{str.format_map} of its format
 (the same parser and field rules, in C), the time stamp is made once per second, and
 anything else (a C{{callable()}} field, a flattened or failing event, a format that
 cannot be formatted) goes to Twisted's functions, so every line is the same as theirs.

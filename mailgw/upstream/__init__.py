@@ -81,6 +81,7 @@ class UpstreamLoginRejected(UpstreamError):
 
 P = TypeVar("P", bound="UpstreamProtocol")
 
+
 class UpstreamProtocol(Protocol, metaclass=ABCMeta):
     """Base of the per-protocol login clients.
 
