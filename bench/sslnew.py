@@ -21,6 +21,7 @@ import ctypes.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 #: connection objects made per measurement
@@ -109,9 +110,9 @@ def _handshake_cpu(count: int) -> dict[str, Any]:
     system = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     system.load_cert_chain(str(cert), str(key))
 
-    def through_pyopenssl() -> float:
-        server = pyopenssl.serverConnectionForTLS(None)  # type: ignore[arg-type]
-        server.set_accept_state()
+    def handshake(server_step: Callable[[bytes], bytes]) -> float:
+        """The server's CPU seconds for one handshake with a fresh client;
+        C{server_step} takes the client's bytes and returns the server's answer."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         peer = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
         spent = 0.0
@@ -122,44 +123,44 @@ def _handshake_cpu(count: int) -> dict[str, Any]:
             except ssl.SSLWantReadError:
                 pass
             started = time.thread_time()
-            server.bio_write(outgoing.read())
+            answer = server_step(outgoing.read())
+            spent += time.thread_time() - started
+            incoming.write(answer)
+        raise RuntimeError("no handshake")
+
+    def through_pyopenssl() -> float:
+        server = pyopenssl.serverConnectionForTLS(None)  # type: ignore[arg-type]
+        server.set_accept_state()
+
+        def step(data: bytes) -> bytes:
+            server.bio_write(data)
             try:
                 server.do_handshake()
             except SSL.WantReadError:
                 pass
-            data = server.bio_read(65536)
-            spent += time.thread_time() - started
-            incoming.write(data)
-        raise RuntimeError("no handshake")
+            return server.bio_read(65536)
+
+        return handshake(step)
 
     def through_system() -> float:
         server_in, server_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         server = system.wrap_bio(server_in, server_out, server_side=True)
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        peer = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        spent = 0.0
-        for _ in range(10):
-            try:
-                peer.do_handshake()
-                return spent
-            except ssl.SSLWantReadError:
-                pass
-            started = time.thread_time()
-            server_in.write(outgoing.read())
+
+        def step(data: bytes) -> bytes:
+            server_in.write(data)
             try:
                 server.do_handshake()
             except ssl.SSLWantReadError:
                 pass
-            data = server_out.read()
-            spent += time.thread_time() - started
-            incoming.write(data)
-        raise RuntimeError("no handshake")
+            return server_out.read()
+
+        return handshake(step)
 
     result: dict[str, Any] = {"system_version": ssl.OPENSSL_VERSION}
-    for name, handshake in (("pyopenssl_ms", through_pyopenssl), ("system_ms", through_system)):
+    for name, one in (("pyopenssl_ms", through_pyopenssl), ("system_ms", through_system)):
         for _ in range(20):
-            handshake()  # warm-up
-        result[name] = 1000 * sum(handshake() for _ in range(count)) / count
+            one()  # warm-up
+        result[name] = 1000 * sum(one() for _ in range(count)) / count
     return result
 
 

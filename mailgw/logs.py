@@ -35,15 +35,23 @@ STABLE_FIELDS = ("session_id", "protocol", "client", "user", "upstream", "reason
 _SCALARS = (str, int, float, bool, type(None))
 
 
+def _plain_message(event: LogEvent) -> str | None:
+    """The event's message by C{str.format_map}, or C{None} where Twisted must make
+    it (a C{{callable()}} field, a flattened event, a format that fails: Twisted's
+    L{formatEvent} says what went wrong)."""
+    text = event.get("log_format")
+    if type(text) is not str or "()" in text or "log_flattened" in event:
+        return None
+    try:
+        return text.format_map(event)
+    except Exception:  # noqa: BLE001 (see above)
+        return None
+
+
 def format_message(event: LogEvent) -> str:
     """The event's message, as L{twisted.logger.formatEvent} makes it."""
-    text = event.get("log_format")
-    if type(text) is str and "()" not in text and "log_flattened" not in event:
-        try:
-            return text.format_map(event)
-        except Exception:  # noqa: BLE001 (Twisted's formatEvent says what went wrong)
-            return formatEvent(event)
-    return formatEvent(event)
+    message = _plain_message(event)
+    return formatEvent(event) if message is None else message
 
 
 class TextLines:
@@ -68,18 +76,9 @@ class TextLines:
 
     def __call__(self, event: LogEvent) -> str | None:
         system = event.get("log_system")
-        text = event.get("log_format")
-        if (
-            "log_failure" in event
-            or (system is not None and type(system) is not str)
-            or type(text) is not str
-            or "()" in text
-            or "log_flattened" in event
-        ):
-            return formatEventAsClassicLogText(event, formatTime=self.stamp)
-        try:
-            message = text.format_map(event)
-        except Exception:  # noqa: BLE001 (as above)
+        plain = "log_failure" not in event and (system is None or type(system) is str)
+        message = _plain_message(event) if plain else None
+        if message is None:
             return formatEventAsClassicLogText(event, formatTime=self.stamp)
         if not message:
             return None
