@@ -5,6 +5,8 @@ needs no new listener), with the sockets from wherever this process gets them
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +23,7 @@ from mailgw.proxy.imap4 import IMAP4Session
 from mailgw.proxy.pop3 import POP3Session
 from mailgw.proxy.proxyprotocol import ProxyHeaderFactory
 from mailgw.proxy.smtp import SMTPSession
+from mailgw.systls import SystemTLSFactory
 from mailgw.workers.sockets import ListenSockets
 
 __all__ = ["SESSION_CLASSES", "CurrentEnvironment", "Listener", "pending_limits", "proxy_listeners"]
@@ -72,6 +75,20 @@ class CurrentServerTLS:
         return self._current().server_tls.serverConnectionForTLS(tlsProtocol)
 
 
+def _system_context(current: Callable[[], ProxyEnvironment]) -> ssl.SSLContext:
+    context: ssl.SSLContext | None = current().server_tls.system_context
+    assert context is not None  # a process that has the library keeps it
+    return context
+
+
+def implicit_tls_factory(current: Callable[[], ProxyEnvironment], factory: Factory) -> Factory:
+    """TLS around C{factory}'s connections: on the system's OpenSSL (L{mailgw.systls}),
+    or through pyOpenSSL when that cannot be used."""
+    if current().server_tls.system_context is not None:
+        return SystemTLSFactory(functools.partial(_system_context, current), factory)
+    return TLSMemoryBIOFactory(CurrentServerTLS(current), False, factory)  # type: ignore[return-value]
+
+
 def proxy_listeners(
     reactor: Any,
     current: Callable[[], ProxyEnvironment],
@@ -93,7 +110,7 @@ def proxy_listeners(
         endpoint = sockets.endpoint(reactor, key, interface.address, port, backlog)
         factory: Factory = ProxyFactory(current, session_class, interface=interface, implicit_tls=implicit)
         if implicit:
-            factory = TLSMemoryBIOFactory(CurrentServerTLS(current), False, factory)  # type: ignore[assignment]
+            factory = implicit_tls_factory(current, factory)
         if interface.proxy_protocol:
             factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
         kind = "implicit TLS" if implicit else ("STARTTLS" if proxy.tls_support != "disabled" else "plaintext")

@@ -339,6 +339,8 @@ class GatewayService(MultiService):
             client_ca=tls.client_ca,
         )
         self.ticket_keys.use(server_tls.getContext())
+        if server_tls.system_context is not None:
+            self.ticket_keys.use(server_tls.system_context)
         realm = GatewayRealm(config.group_policy)
         old_inspection = self.inspection
         # Each worker spools in a folder of its own: cleaning it at start must not

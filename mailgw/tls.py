@@ -18,6 +18,7 @@ import errno
 import hashlib
 import ipaddress
 import os
+import ssl
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,6 +55,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw import systls
+
 if TYPE_CHECKING:
     # Public in Twisted's documentation, importable only from the private module.
     from twisted.internet._sslverify import IOpenSSLTrustRoot
@@ -68,6 +71,7 @@ __all__ = [
     "ensure_self_signed",
     "peer_certificate",
     "set_nodelay",
+    "tls_failure_text",
 ]
 
 MinimumVersion = Literal["TLSv1.2", "TLSv1.3"]
@@ -77,6 +81,8 @@ _PROTOCOL_VERSIONS: dict[str, int] = {
     "TLSv1.2": SSL.TLS1_2_VERSION,
     "TLSv1.3": SSL.TLS1_3_VERSION,
 }
+_SYSTEM_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+_SYSTEM_VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 # TLS 1.2 suites: ECDHE key exchange with AEAD ciphers only (Mozilla "intermediate" minus
 # DHE, which would need DH parameters). AES-128-GCM first: fastest with AES-NI. Only the
@@ -297,6 +303,17 @@ def _load_certificates(path: Path, what: str) -> list[x509.Certificate]:
         raise TLSConfigError(f"{path}: no valid PEM certificate ({what})", path) from e
 
 
+def tls_failure_text(reason: Failure) -> str | None:
+    """OpenSSL's reason when C{reason} (a connection's end) is a TLS error of either
+    library, else None."""
+    error = reason.value
+    if isinstance(error, SSL.Error):
+        return ssl_error_text(error)
+    if isinstance(error, ssl.SSLError):
+        return systls.error_text(error)
+    return None
+
+
 def ssl_error_text(error: SSL.Error) -> str:
     # SSL.Error.args[0] is a list of (library, function, reason) tuples.
     parts: list[str] = []
@@ -437,6 +454,25 @@ class ServerTLS:
         ctx.set_session_id(fingerprint.digest())
         ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         self._context = ctx
+        #: the same settings on the system's OpenSSL, for the implicit-TLS listeners
+        #: (L{mailgw.systls}); None when that library cannot be reached, and why
+        self.system_context: ssl.SSLContext | None = None
+        library = systls.LibSSL.load()
+        self.system_problem: str | None = library if isinstance(library, str) else None
+        if self.system_problem is not None:
+            return
+        try:
+            self.system_context = systls.server_context(
+                cert_path,
+                key_path,
+                minimum_version=_SYSTEM_VERSIONS[minimum_version],
+                verify_mode=_SYSTEM_VERIFY[client_certificate],
+                client_ca=client_ca,
+                ciphers=_CIPHERS_TLS12.decode("ascii"),
+                session_id_context=fingerprint.digest(),
+            )
+        except systls.SystemTLSError as e:
+            raise TLSConfigError(f"{cert_path}: {e}", cert_path) from e
 
     @staticmethod
     def _load_key(key_path: Path) -> _ServerKey:
@@ -489,6 +525,11 @@ def peer_certificate(transport: object) -> x509.Certificate | None:
     if get_handle is None:
         return None
     handle = get_handle()
+    if isinstance(handle, ssl.SSLObject):  # an implicit-TLS listener's (mailgw.systls)
+        if handle.context.verify_mode == ssl.CERT_NONE:
+            return None
+        der = handle.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der) if der else None
     if not isinstance(handle, SSL.Connection):
         return None
     if not handle.get_verify_mode() & SSL.VERIFY_PEER:

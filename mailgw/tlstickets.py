@@ -21,7 +21,9 @@ by name in that file's ELF symbol table and calls it through C{ctypes}; every ke
 read back (C{SSL_CTRL_GET_TLSEXT_TICKET_KEYS}) and compared. When the function cannot be
 found (a stripped or differently built library, not ELF), nothing is called: tickets
 still work, per context, as before, and the gateway says once in its log why they are
-not shared.
+not shared. The implicit-TLS listeners' contexts are C{ssl.SSLContext}s of the system's
+OpenSSL (L{mailgw.systls}), whose C{libssl} exports C{SSL_CTX_ctrl}
+(L{TicketKeyControl.locate_system}); they get the same key.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import ctypes
 import functools
 import mmap
 import os
+import ssl
 import struct
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
@@ -41,6 +45,8 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from mailgw.systls import LibSSL, SystemTLSError
 
 #: the size of an OpenSSL ticket key: name (16), HMAC key (32), AES key (32)
 TICKET_KEY_BYTES = 80
@@ -94,11 +100,31 @@ def _local_functions(path: Path, names: set[bytes]) -> dict[bytes, int]:
         return found
 
 
-class TicketKeyControl:
-    """Sets the ticket key of pyOpenSSL contexts (see the module's docstring)."""
+def _pyopenssl_pointer(context: SSL.Context) -> int:
+    return int(_ffi.cast("uintptr_t", context._context))
 
-    def __init__(self, ctrl: _CtrlFunction) -> None:
+
+class TicketKeyControl:
+    """Sets the ticket key of pyOpenSSL contexts (see the module's docstring), or, with
+    the C{pointer} of L{mailgw.systls.LibSSL}, of C{ssl.SSLContext}s."""
+
+    def __init__(self, ctrl: _CtrlFunction, pointer: Callable[[Any], int] = _pyopenssl_pointer) -> None:
         self._ctrl = ctrl
+        self._pointer = pointer
+
+    @staticmethod
+    @functools.cache
+    def locate_system() -> TicketKeyControl | str:
+        """The control for the system's OpenSSL (Python's C{ssl}), or why there is none."""
+        library = LibSSL.load()
+        if isinstance(library, str):
+            return library
+        control = TicketKeyControl(library.ctrl, library.context_pointer)
+        try:
+            control.set(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), new_ticket_key())  # proves it works
+        except (TicketKeyError, SystemTLSError) as e:
+            return f"cannot set ticket keys on the system's OpenSSL: {e}"
+        return control
 
     @staticmethod
     @functools.cache
@@ -127,11 +153,11 @@ class TicketKeyControl:
             return f"cannot reach SSL_CTX_ctrl: {e}"
         return control
 
-    def set(self, context: SSL.Context, key: bytes) -> None:
+    def set(self, context: SSL.Context | ssl.SSLContext, key: bytes) -> None:
         """Make C{key} the ticket key of C{context}; checked by reading it back."""
         if len(key) != TICKET_KEY_BYTES:
             raise TicketKeyError(f"a ticket key has {TICKET_KEY_BYTES} bytes, not {len(key)}")
-        pointer = int(_ffi.cast("uintptr_t", context._context))
+        pointer = self._pointer(context)
         if self._ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEY_BYTES, key) != 1:
             raise TicketKeyError("OpenSSL refused the ticket key")
         back = ctypes.create_string_buffer(TICKET_KEY_BYTES)
@@ -143,24 +169,35 @@ class TicketKeys:
     """This process's ticket key and the server contexts that use it.
 
     @param key: the key to start with (a worker: its supervisor's); None: a random one.
-    @param control: how keys are set (default: L{TicketKeyControl.locate}); a string
-        says why they cannot be, and then every context keeps its own random key.
+    @param control: how keys are set on pyOpenSSL contexts (default:
+        L{TicketKeyControl.locate}); a string says why they cannot be, and then every
+        context keeps its own random key.
+    @param system_control: the same for C{ssl.SSLContext}s (default:
+        L{TicketKeyControl.locate_system}).
     """
 
     log = Logger()
 
-    def __init__(self, key: bytes | None = None, control: TicketKeyControl | str | None = None) -> None:
+    def __init__(
+        self,
+        key: bytes | None = None,
+        control: TicketKeyControl | str | None = None,
+        system_control: TicketKeyControl | str | None = None,
+    ) -> None:
         self.key = key if key is not None else new_ticket_key()
         self.control: TicketKeyControl | str = control if control is not None else TicketKeyControl.locate()
-        self._contexts: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+        self.system_control: TicketKeyControl | str = (
+            system_control if system_control is not None else TicketKeyControl.locate_system()
+        )
+        self._contexts: weakref.WeakSet[SSL.Context | ssl.SSLContext] = weakref.WeakSet()
         self._warned = False
 
     @property
     def shared(self) -> bool:
         """Whether contexts get this key (tickets resume across workers and reloads)."""
-        return isinstance(self.control, TicketKeyControl)
+        return isinstance(self.control, TicketKeyControl) and isinstance(self.system_control, TicketKeyControl)
 
-    def use(self, context: SSL.Context) -> None:
+    def use(self, context: SSL.Context | ssl.SSLContext) -> None:
         """C{context} encrypts and accepts tickets with the key, now and after changes."""
         self._contexts.add(context)
         self._apply(context)
@@ -171,8 +208,8 @@ class TicketKeys:
         for context in list(self._contexts):
             self._apply(context)
 
-    def _apply(self, context: SSL.Context) -> None:
-        control = self.control
+    def _apply(self, context: SSL.Context | ssl.SSLContext) -> None:
+        control = self.system_control if isinstance(context, ssl.SSLContext) else self.control
         if isinstance(control, str):
             if not self._warned:
                 self._warned = True

@@ -10,7 +10,6 @@ from abc import ABCMeta, abstractmethod
 from dataclasses import replace
 from typing import ClassVar
 
-from OpenSSL import SSL
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -31,7 +30,7 @@ from mailgw.proxy.gatekeeper import LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay, cancel_timer, close_transport
 from mailgw.sso.identity import IdentitySource, sso_applies
-from mailgw.tls import peer_certificate, set_nodelay, ssl_error_text
+from mailgw.tls import peer_certificate, set_nodelay, tls_failure_text
 from mailgw.upstream import UpstreamError, UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -223,13 +222,14 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._handshaking and reason.check(SSL.Error) and self.info is not None:
+        failure_text = tls_failure_text(reason) if self._handshaking else None
+        if failure_text is not None and self.info is not None:
             self.log.info(
                 "Session {session_id}: TLS handshake failed: {reason}",
                 session_id=self.info.session_id,
                 protocol=self.protocol_name,
                 client=self.info.client,
-                reason=ssl_error_text(reason.value) if isinstance(reason.value, SSL.Error) else str(reason.value),
+                reason=failure_text,
             )
         self._closing = True
         self._lost = True
