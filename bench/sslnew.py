@@ -1,11 +1,12 @@
 """What one TLS connection object costs in the OpenSSL each proxy runs: the heap that
 ``SSL_new`` takes, before any handshake (glibc's ``mallinfo2`` in a fresh process).
 
-mailgw's TLS is pyOpenSSL on the OpenSSL that ``cryptography``'s wheel links in
-statically; nginx uses the system's ``libssl``. The idle-session figure of each proxy
-contains one such object per client connection, so a difference here is a difference
-per idle session that neither proxy's own code decides (OpenSSL 3.2's record layer about
-doubled it).
+nginx uses the system's ``libssl``; so do mailgw's implicit-TLS listeners since
+``mailgw.systls`` (Python's ssl module). Its STARTTLS ports and upstream connections use
+pyOpenSSL on the OpenSSL that ``cryptography``'s wheel links in statically, as all of its
+TLS did before. The idle-session figure of each proxy contains one such object per client
+connection, so a difference here is a difference per idle session that neither proxy's
+own code decides (OpenSSL 3.2's record layer about doubled it).
 
 ``python -m bench.sslnew pyopenssl|system`` prints ``{"version": ..., "kib": ...}``.
 ``python -m bench.sslnew handshake`` prints the server's CPU per full TLS 1.3 handshake

@@ -341,6 +341,11 @@ class GatewayService(MultiService):
         self.ticket_keys.use(server_tls.getContext())
         if server_tls.system_context is not None:
             self.ticket_keys.use(server_tls.system_context)
+        else:
+            self.log.warn(
+                "Implicit TLS runs on pyOpenSSL, not on the system's OpenSSL: {reason}",
+                reason=server_tls.system_problem,
+            )
         realm = GatewayRealm(config.group_policy)
         old_inspection = self.inspection
         # Each worker spools in a folder of its own: cleaning it at start must not
