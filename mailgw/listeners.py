@@ -109,15 +109,14 @@ def proxy_listeners(
         key = (proxy.protocol, interface.address, port, implicit, interface.proxy_protocol, backlog)
         endpoint = sockets.endpoint(reactor, key, interface.address, port, backlog)
         factory: Factory = ProxyFactory(current, session_class, interface=interface, implicit_tls=implicit)
-        factory_tls: Factory | None = None
         if implicit:
-            factory = factory_tls = implicit_tls_factory(current, factory)
-        if interface.proxy_protocol:
-            factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
-        if implicit:
-            kind = f"implicit TLS, {ssl.OPENSSL_VERSION if isinstance(factory_tls, SystemTLSFactory) else 'pyOpenSSL'}"
+            factory = implicit_tls_factory(current, factory)
+            library = ssl.OPENSSL_VERSION if isinstance(factory, SystemTLSFactory) else "pyOpenSSL"
+            kind = f"implicit TLS, {library}"
         else:
             kind = "STARTTLS" if proxy.tls_support != "disabled" else "plaintext"
+        if interface.proxy_protocol:
+            factory = ProxyHeaderFactory(factory, reactor)  # type: ignore[assignment]
         name = f"{proxy.protocol}/{interface.name}/{port}"
         listener = Listener(endpoint, factory, name=name, description=f"{name} ({interface.address}, {kind})")
         listener.key = key

@@ -100,6 +100,16 @@ class Pair:
                 return b"".join(chunks)
 
 
+def resumes(first: ssl.SSLContext, second: ssl.SSLContext, client: ssl.SSLContext) -> bool:
+    """Whether a session from a full handshake on C{first} resumes on C{second}."""
+    pair = Pair(first, client)
+    pair.handshake()
+    pair.read()
+    again = Pair(second, client, pair.client.session)
+    again.handshake()
+    return again.client.session_reused
+
+
 class SystemTLSTests(TestCase):
     def setUp(self) -> None:
         folder = Path(self.mktemp())
@@ -360,22 +370,10 @@ class SystemTLSTests(TestCase):
             first, second = self.context(), self.context()
             keys.use(first)
             keys.use(second)
-            client = self.client(maximum)
-            pair = Pair(first, client)
-            pair.handshake()
-            pair.read()
-            again = Pair(second, client, pair.client.session)
-            again.handshake()
-            self.assertTrue(again.client.session_reused, maximum)
+            self.assertTrue(resumes(first, second, self.client(maximum)), maximum)
         other = self.context()
         TicketKeys().use(other)
-        client = self.client()
-        pair = Pair(self.context(), client)
-        pair.handshake()
-        pair.read()
-        again = Pair(other, client, pair.client.session)
-        again.handshake()
-        self.assertFalse(again.client.session_reused)
+        self.assertFalse(resumes(self.context(), other, self.client()))
 
     def test_sessionsOfOtherSettingsDoNotResume(self) -> None:
         """The session id context is the configuration's (certificate, client
@@ -389,18 +387,8 @@ class SystemTLSTests(TestCase):
         for context in (plain, asking, same):
             keys.use(context)
         client = self.client()
-        pair = Pair(asking, client)
-        pair.handshake()
-        pair.read()
-        again = Pair(same, client, pair.client.session)
-        again.handshake()
-        self.assertTrue(again.client.session_reused)
-        pair = Pair(plain, client)
-        pair.handshake()
-        pair.read()
-        again = Pair(asking, client, pair.client.session)
-        again.handshake()
-        self.assertFalse(again.client.session_reused)
+        self.assertTrue(resumes(asking, same, client))
+        self.assertFalse(resumes(plain, asking, client))
 
     def test_buffersReleased(self) -> None:
         """An idle connection holds no read or write buffer: Python's C{ssl} sets
