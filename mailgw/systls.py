@@ -179,6 +179,10 @@ class SystemTLSProtocol:
       instead of a reset (as with Twisted's TLS). A peer that never answers is the
       caller's to abort (L{mailgw.proxy.relay.close_transport}). C{abortConnection}
       closes at once. Nothing more is written after either, nor handed on.
+    - One send per burst: what is written while the peer's data is handled (the
+      handshake's records, the held greeting, the answers to pipelined commands) goes
+      to the TCP transport once, at the end; a write at any other time (a relayed
+      answer) at once.
     - Flow control: a producer registered here is registered with the TCP transport
       (TLS adds no buffer of its own: every write is encrypted at once);
       C{pauseProducing} stops reading and stops handing on what was already decrypted.
@@ -189,6 +193,7 @@ class SystemTLSProtocol:
         "_delivering",
         "_failure",
         "_held",
+        "_holding",
         "_in",
         "_out",
         "_paused",
@@ -209,6 +214,7 @@ class SystemTLSProtocol:
         self._held: list[bytes] | None = []
         self._paused = False
         self._delivering = False
+        self._holding = False
         self._failure: Failure | None = None
 
     # -- IProtocol (from the TCP connection) ---------------------------------------------
@@ -232,13 +238,23 @@ class SystemTLSProtocol:
                 self._await_close_alert()
             return
         self._in.write(data)
+        # What this data makes both sides write (handshake records, the held
+        # greeting, tickets, answers) goes out in one send, at the end.
+        self._holding = True
+        try:
+            self._received()
+        finally:
+            self._holding = False
+        if self._state != _CLOSED:
+            self._flush()
+
+    def _received(self) -> None:
         if self._state == _HANDSHAKE:
             tls = self._tls
             assert tls is not None
             try:
                 tls.do_handshake()
             except ssl.SSLWantReadError:
-                self._flush()
                 return
             except ssl.SSLError as e:
                 self._fail(e)
@@ -247,7 +263,6 @@ class SystemTLSProtocol:
             held, self._held = self._held, None
             if held:
                 tls.write(b"".join(held))
-            self._flush()
             if IHandshakeListener.providedBy(self.wrapped):
                 self.wrapped.handshakeCompleted()
         self._deliver()
@@ -290,7 +305,9 @@ class SystemTLSProtocol:
         finally:
             self._delivering = False
         if self._state == _OPEN:
-            self._flush()  # what reading may have produced (a key update's answer)
+            # what the wrapped protocol wrote meanwhile, and what reading may have
+            # produced (a key update's answer), in one send
+            self._flush()
 
     def _flush(self) -> None:
         data = self._out.read()
@@ -314,7 +331,8 @@ class SystemTLSProtocol:
                 except ssl.SSLError as e:
                     self._fail(e)
                     return
-                self._flush()
+                if not (self._delivering or self._holding):
+                    self._flush()  # else once, at the end of the delivery: one send for all
         elif self._state == _HANDSHAKE and self._held is not None:
             self._held.append(data)
 

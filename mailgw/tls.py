@@ -5,7 +5,7 @@ The gateway's TLS contexts.
   from the C{[tls]} configuration and shared by every connection [4.1], [10].
 - L{client_tls_options}: connection creators for upstream mail servers [4.7].
 - L{ensure_self_signed}: the self-signed pair generated on first start.
-- L{peer_certificate} and L{set_nodelay}: small helpers over TLS and TCP transports.
+- L{peer_certificate} and L{tune_tcp}: small helpers over TLS and TCP transports.
 
 Nothing here imports the reactor, and nothing keeps module-level state: every object is
 created by its caller (normally C{mailgw.service.build}) and lives as long as it keeps it.
@@ -56,6 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw import systls
+from mailgw.eagerwrite import make_eager
 
 if TYPE_CHECKING:
     # Public in Twisted's documentation, importable only from the private module.
@@ -70,8 +71,8 @@ __all__ = [
     "client_tls_options",
     "ensure_self_signed",
     "peer_certificate",
-    "set_nodelay",
     "tls_failure_text",
+    "tune_tcp",
 ]
 
 MinimumVersion = Literal["TLSv1.2", "TLSv1.3"]
@@ -725,9 +726,10 @@ class ClientTLSCache:
 # TCP_NODELAY
 
 
-def set_nodelay(transport: object) -> None:
+def tune_tcp(transport: object) -> None:
     """
-    Turn Nagle's algorithm off on the TCP connection under C{transport} [10].
+    Turn Nagle's algorithm off on the TCP connection under C{transport} [10], and give
+    it eager writes (L{mailgw.eagerwrite}: sent at once when nothing is queued).
 
     Works on a TCP transport (before or after C{startTLS}) and on a
     L{TLSMemoryBIOProtocol} or another protocol wrapper over one: wrappers are followed
@@ -744,7 +746,8 @@ def set_nodelay(transport: object) -> None:
             try:
                 current.setTcpNoDelay(True)  # type: ignore[attr-defined, unused-ignore]
             except OSError:
-                pass  # the socket is already closed
+                return  # the socket is already closed
+            make_eager(current)
             return
         current = getattr(current, "transport", None)
 

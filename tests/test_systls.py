@@ -151,6 +151,59 @@ class SystemTLSTests(TestCase):
         self.assertEqual(pair.read(), b"+OK\r\n+OK two\r\n")
         self.assertEqual(pair.app.handshakes, 1)
 
+    def test_answersWhileDeliveringInOneSend(self) -> None:
+        """What the wrapped protocol writes while it is handed data (two answers to a
+        pipelined burst) reaches the TCP transport as one write, after the delivery;
+        a write outside a delivery (a relayed answer) goes out at once."""
+        pair = Pair(self.context(), self.client())
+        pair.handshake()
+        pair.read()
+        writes: list[bytes] = []
+        tcp_write = pair.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            tcp_write(data)
+
+        pair.transport.write = counted  # type: ignore[method-assign]
+
+        def answer(data: bytes) -> None:
+            pair.app.received.append(data)
+            pair.tls.write(b"+OK first\r\n")
+            pair.tls.write(b"+OK second\r\n")
+
+        pair.app.dataReceived = answer  # type: ignore[method-assign]
+        pair.send(b"NOOP\r\nNOOP\r\n")
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(pair.read(), b"+OK first\r\n+OK second\r\n")
+        pair.tls.write(b"+OK relayed\r\n")
+        self.assertEqual(len(writes), 2)
+        pair.pump()
+        self.assertEqual(pair.read(), b"+OK relayed\r\n")
+
+    def test_handshakeEndInOneSend(self) -> None:
+        """The client's Finished is answered with one TCP write: the held greeting,
+        the session tickets, and what handshakeCompleted writes."""
+        pair = Pair(self.context(), self.client())
+        writes: list[bytes] = []
+        tcp_write = pair.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            tcp_write(data)
+
+        pair.transport.write = counted  # type: ignore[method-assign]
+
+        def completed() -> None:
+            pair.tls.write(b"+OK ready\r\n")
+            pair.tls.write(b"+OK more\r\n")
+
+        pair.app.handshakeCompleted = completed  # type: ignore[method-assign]
+        pair.handshake()
+        self.assertEqual(pair.read(), b"+OK greeting\r\n+OK ready\r\n+OK more\r\n")
+        self.assertEqual(len(writes), 2)  # the server's flight, then the rest
+        self.assertIsNotNone(pair.client.session)
+
     def test_settingsAsPyOpenSSL(self) -> None:
         """The system context has the pyOpenSSL context's settings: minimum version,
         verify mode, options."""

@@ -49,7 +49,7 @@ from mailgw.tls import (
     client_tls_options,
     ensure_self_signed,
     peer_certificate,
-    set_nodelay,
+    tune_tcp,
 )
 
 OPENSSL = shutil.which("openssl")
@@ -321,13 +321,13 @@ class _StartTLSServer(_ServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         if data == b"STLS\r\n":
             sock = self.transport.getHandle()  # type: ignore[union-attr]
-            set_nodelay(self.transport)
+            tune_tcp(self.transport)
             before = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
             self.transport.write(b"+OK begin TLS\r\n")  # type: ignore[union-attr]
             assert isinstance(self.factory, _ServerFactory)
             self.transport.startTLS(self.factory.server_tls)  # type: ignore[union-attr]
-            set_nodelay(self.transport)  # after startTLS
+            tune_tcp(self.transport)  # after startTLS
             after = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             self.nodelay = (int(before != 0), int(after != 0))
 
@@ -353,7 +353,7 @@ class _NoDelayServer(_ServerProtocol):
     nodelay: int = -1
 
     def handshakeCompleted(self) -> None:
-        set_nodelay(self.transport)
+        tune_tcp(self.transport)
         tcp = self.transport.transport  # type: ignore[union-attr]
         self.nodelay = tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         super().handshakeCompleted()
@@ -706,7 +706,7 @@ class ServerTLSConnectionTests(_LoopbackMixin, TestCase):
     async def test_startTLS(self) -> None:
         """
         L{ServerTLS} and L{client_tls_options} work with C{transport.startTLS} on
-        both sides; L{peer_certificate} and L{set_nodelay} work on a TCP transport
+        both sides; L{peer_certificate} and L{tune_tcp} work on a TCP transport
         after startTLS.
         """
         pki = self.pki
@@ -1097,7 +1097,7 @@ class ClientTLSOptionsTests(_LoopbackMixin, TestCase):
 
 
 # --------------------------------------------------------------------------------------
-# set_nodelay, peer_certificate on plain transports, imports
+# tune_tcp, peer_certificate on plain transports, imports
 
 
 class HelperTests(_LoopbackMixin, TestCase):
@@ -1116,9 +1116,9 @@ class HelperTests(_LoopbackMixin, TestCase):
         """
         Transports without TCP (a test transport, None) are left alone.
         """
-        set_nodelay(StringTransport())
-        set_nodelay(None)
-        set_nodelay(object())
+        tune_tcp(StringTransport())
+        tune_tcp(None)
+        tune_tcp(object())
 
     def test_peerCertificatePlain(self) -> None:
         """

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from mailgw.endpoints import tcp_client_endpoint
-from mailgw.tls import set_nodelay
+from mailgw.tls import tune_tcp
 from mailgw.wire import smtp
 from mailgw.wire.errors import ProtocolError
 from mailgw.wire.lines import LineBuffer
@@ -64,7 +64,7 @@ class SmtpClient(Protocol):
     # -- Protocol ---------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        tune_tcp(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self._lines.append(data)

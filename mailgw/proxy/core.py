@@ -30,7 +30,7 @@ from mailgw.proxy.gatekeeper import LoginFailed
 from mailgw.proxy.registry import SessionInfo, SessionState
 from mailgw.proxy.relay import IRelayStage, Relay, cancel_timer, close_transport
 from mailgw.sso.identity import IdentitySource, sso_applies
-from mailgw.tls import peer_certificate, set_nodelay, tls_failure_text
+from mailgw.tls import peer_certificate, tls_failure_text, tune_tcp
 from mailgw.upstream import UpstreamError, UpstreamProtocol, UpstreamTarget, client_origin
 from mailgw.wire.errors import LoginSyntaxError
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -144,7 +144,7 @@ class ProxySession(Protocol, metaclass=ABCMeta):
         self.info = info = registry.open(self.protocol_name, client, self, client_ip=self.client_ip)
         self._in_registry = True
         self.env.connections.add(self)
-        set_nodelay(self.transport)
+        tune_tcp(self.transport)
         self.log.info(
             "New {protocol} session {session_id} from {client}",
             protocol=self.protocol_name,

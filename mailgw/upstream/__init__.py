@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.endpoints import tcp_client_endpoint
-from mailgw.tls import ClientTLSCache, set_nodelay
+from mailgw.tls import ClientTLSCache, tune_tcp
 from mailgw.wire.errors import ProtocolError
 from mailgw.wire.forwarding import ClientOrigin
 from mailgw.wire.lines import LineBuffer, TooLong
@@ -144,7 +144,7 @@ class UpstreamProtocol(Protocol, metaclass=ABCMeta):
     # -- Protocol ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        tune_tcp(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self._lines.append(data)

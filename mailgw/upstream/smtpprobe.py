@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 from mailgw.config import ProxyConfig
 from mailgw.endpoints import tcp_client_endpoint
-from mailgw.tls import set_nodelay, ssl_error_text
+from mailgw.tls import ssl_error_text, tune_tcp
 from mailgw.upstream import UpstreamTarget
 from mailgw.wire import smtp
 from mailgw.wire.errors import ProtocolError
@@ -92,7 +92,7 @@ class EHLOProbe(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
-        set_nodelay(self.transport)
+        tune_tcp(self.transport)
 
     def close_now(self) -> defer.Deferred[None]:
         """Abort the connection (at service stop); fires once it is gone."""
