@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.testing import EventLoggingObserver
@@ -323,6 +324,92 @@ class FailureTests(PollerTestCase):
         report = await h.poll(account["id"])
         self.assertEqual((report.delivered, report.deleted), (1, 1))
         self.assertEqual([c.split(b" ")[0] for c in server.commands][:5], [b"USER", b"PASS", b"CAPA", b"UIDL", b"LIST"])
+
+    async def test_deleNotAwaitedWithPipelining(self) -> None:
+        """To a server that offers PIPELINING, the next RETR goes out without waiting
+        for a DELE's answer; every message is still delivered once, and QUIT (sent
+        once every DELE is answered, so that the report counts them) applies every
+        deletion."""
+        h = await self.harness()
+        messages = [message([("To", f"user{n}@example.com")]) for n in range(1, 4)]
+        server = await FakePop3Server.listening(self, messages, dele_delay=0.05)
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None)
+        report = await h.poll(account["id"])
+        self.assertEqual((report.error, report.delivered, report.deleted), (None, 3, 3))
+        self.assertEqual(server.deleted, {1, 2, 3})
+        self.assertEqual(len(h.sink.messages), 3)
+        self.assertEqual(server.overlapped, 2)  # RETR 2 and RETR 3
+
+    async def test_deleAwaitedWithoutPipelining(self) -> None:
+        """Without PIPELINING, each DELE's answer is read before the next command."""
+        h = await self.harness()
+        messages = [message([("To", f"user{n}@example.com")]) for n in range(1, 4)]
+        server = await FakePop3Server.listening(self, messages, dele_delay=0.05, pipelining=False)
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None)
+        report = await h.poll(account["id"])
+        self.assertEqual((report.error, report.delivered, report.deleted), (None, 3, 3))
+        self.assertEqual(server.deleted, {1, 2, 3})
+        self.assertEqual(server.overlapped, 0)
+
+    async def test_journalCommitsPerMessage(self) -> None:
+        """Two journal commits per delivered message after the first: "ending" before
+        the final dot, and "delivered" together with the next message's "started"
+        (marked before its DATA, as SPEC [6] asks, in one transaction)."""
+        h = await self.harness()
+        messages = [message([("To", f"user{n}@example.com")]) for n in range(1, 4)]
+        server = await FakePop3Server.listening(self, messages)
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None)
+        commits: list[list[tuple[str, str]]] = []
+        marks = h.state.journal_marks
+
+        def counted(account_id: int, batch: Any, now: float) -> Any:
+            commits.append([(uidl, state.value) for uidl, state, _ in batch])
+            return marks(account_id, batch, now)
+
+        h.state.journal_marks = counted  # type: ignore[method-assign, assignment]
+        report = await h.poll(account["id"])
+        self.assertEqual((report.delivered, report.deleted), (3, 3))
+        self.assertEqual(
+            commits,
+            [
+                [("uid-1", "started")],
+                [("uid-1", "ending")],
+                [("uid-1", "delivered"), ("uid-2", "started")],
+                [("uid-2", "ending")],
+                [("uid-2", "delivered"), ("uid-3", "started")],
+                [("uid-3", "ending")],
+                [("uid-3", "delivered")],
+            ],
+        )
+
+    async def test_startedAheadThenSkipped(self) -> None:
+        """A message marked "started" ahead that is then skipped (malformed) goes back
+        to "seen": a later poll does not take it for an interrupted delivery."""
+        h = await self.harness()
+        messages = [message([("To", f"user{n}@example.com")]) for n in range(1, 4)]
+        messages[1] = b"no header line at all\r\n"
+        server = await FakePop3Server.listening(self, messages)
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None)
+        report = await h.poll(account["id"])
+        self.assertEqual(report.delivered, 2)
+        journal = await h.state.journal(account["id"])
+        self.assertEqual(journal["uid-2"].state.value, "seen")
+
+    async def test_keptMessageNotStartedAhead(self) -> None:
+        """With leave_on_server, a delivered message kept on the server is never
+        marked "started" ahead (which would deliver it again on the next poll)."""
+        h = await self.harness()
+        old, new = message([("To", "user1@example.com")]), message([("To", "user2@example.com")])
+        server = await FakePop3Server.listening(self, [old], uidl_lines=[b"1 old"])
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None, leave_on_server=True)
+        self.assertEqual((await h.poll(account["id"])).delivered, 1)
+        server.messages, server.uidl_lines = [new, old], [b"1 new", b"2 old"]
+        self.assertEqual((await h.poll(account["id"])).delivered, 1)
+        journal = await h.state.journal(account["id"])
+        self.assertEqual((journal["new"].state.value, journal["old"].state.value), ("delivered", "delivered"))
+        report = await h.poll(account["id"])
+        self.assertEqual((report.delivered, report.kept), (0, 2))
+        self.assertEqual(len(h.sink.messages), 2)
 
     async def test_noUidl(self) -> None:
         """A server without UIDL cannot be polled safely: the poll stops, nothing is

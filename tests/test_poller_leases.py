@@ -556,6 +556,18 @@ class LostDuringDataTests(TestCase):
         first message's deletion; the report says why."""
         await self.assertStoppedAtSecond("during_data")
 
+    async def test_lostAfterCommit(self) -> None:
+        """The lease lost right after the second message's commit, which marked the
+        third "started" ahead: the poll stops before it, and the third goes back to
+        "seen" (another gateway may deliver it; nothing claims it was under way)."""
+        report, sink, pop3, state, account = await self.lose_lease_at("after_commit")
+        self.assertIn("lease", report.error or "")
+        self.assertEqual(len(sink.messages), 2)
+        journal = await state.journal(account)
+        self.assertEqual([journal[f"uid-{n}"].state for n in (1, 2)], [JournalState.DELIVERED] * 2)
+        self.assertEqual(journal["uid-3"].state, JournalState.SEEN)
+        self.assertNotIn(b"RETR 3", pop3.commands)
+
     async def test_lostBeforeData(self) -> None:
         """The lease lost once the second message is retrieved, before its DATA: it
         is not delivered, and the poll stops as above."""

@@ -4,6 +4,8 @@ them (header block, pausing, relay, discarding), on StringTransports and a Clock
 
 from __future__ import annotations
 
+import gc
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -11,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailgw.poller import message as msg
+from mailgw.poller.delivery import mail_and_rcpt
 from mailgw.poller.poll import MessageTransfer, _Watchdog
 from mailgw.poller.pop3 import Listing, Pop3Error, Pop3Session, ReadGate
 from mailgw.poller.smtp import SmtpClient, SmtpError
@@ -191,6 +194,83 @@ class SmtpClientTests(SynchronousTestCase):
         self.client.connectionLost(Failure(Exception("gone")))
         self.failureResultOf(d, SmtpError)
         self.successResultOf(self.client.closed)
+
+
+class _CountedTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class EnvelopeTests(SynchronousTestCase):
+    """MAIL FROM and RCPT TO: in one write to a server that offers PIPELINING (RFC
+    2920), one at a time to one that does not."""
+
+    def client(self, *extensions: str) -> tuple[SmtpClient, _CountedTransport]:
+        client = SmtpClient(Clock(), timeout=10, data_timeout=20)
+        transport = _CountedTransport()
+        client.makeConnection(transport)
+        client.dataReceived(b"220 ready\r\n")
+        client.extensions = {name: () for name in extensions}
+        return client, transport
+
+    def test_pipelined(self) -> None:
+        """With PIPELINING: one write, the replies read in order."""
+        client, transport = self.client("PIPELINING")
+        d = defer.Deferred.fromCoroutine(mail_and_rcpt(client, "FROM:<a@x>", ["b@example.com", "c@example.com"]))
+        self.assertEqual(transport.writes, 1)
+        self.assertEqual(
+            transport.value(), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@example.com>\r\nRCPT TO:<c@example.com>\r\n"
+        )
+        client.dataReceived(b"250 ok\r\n250 ok\r\n550 no such user\r\n")
+        mail, rcpts = self.successResultOf(d)
+        self.assertEqual((mail.code, [r.code for r in rcpts]), (250, [250, 550]))
+
+    def test_pipelinedMailRefused(self) -> None:
+        """A refused MAIL: the RCPT replies are read (and dropped), so that the next
+        command's reply is its own."""
+        client, _transport = self.client("PIPELINING")
+        d = defer.Deferred.fromCoroutine(mail_and_rcpt(client, "FROM:<a@x>", ["b@example.com"]))
+        client.dataReceived(b"553 sender refused\r\n503 MAIL first\r\n")
+        mail, rcpts = self.successResultOf(d)
+        self.assertEqual((mail.code, rcpts), (553, []))
+        noop = client.command("NOOP")
+        client.dataReceived(b"250 noop\r\n")
+        self.assertEqual(self.successResultOf(noop).code, 250)
+
+    def test_pipelinedConnectionLost(self) -> None:
+        """The connection breaks under a pipelined group: one SmtpError, and no
+        unhandled failure left in the other replies."""
+        client, _ = self.client("PIPELINING")
+        d = defer.Deferred.fromCoroutine(mail_and_rcpt(client, "FROM:<a@x>", ["b@example.com", "c@example.com"]))
+        client.connectionLost(Failure(Exception("gone")))
+        self.failureResultOf(d, SmtpError)
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_oneAtATime(self) -> None:
+        """Without PIPELINING: MAIL, then each RCPT after the previous reply."""
+        client, transport = self.client()
+        d = defer.Deferred.fromCoroutine(mail_and_rcpt(client, "FROM:<a@x>", ["b@example.com", "c@example.com"]))
+        self.assertEqual(transport.value(), b"MAIL FROM:<a@x>\r\n")
+        transport.clear()
+        client.dataReceived(b"250 ok\r\n")
+        self.assertEqual(transport.value(), b"RCPT TO:<b@example.com>\r\n")
+        transport.clear()
+        client.dataReceived(b"250 ok\r\n")
+        self.assertEqual(transport.value(), b"RCPT TO:<c@example.com>\r\n")
+        client.dataReceived(b"450 later\r\n")
+        _mail, rcpts = self.successResultOf(d)
+        self.assertEqual([r.code for r in rcpts], [250, 450])
+
+    def test_dataNotPipelined(self) -> None:
+        """DATA cannot be part of a pipelined group (its reply decides what follows)."""
+        client, _ = self.client("PIPELINING")
+        self.assertRaises(ValueError, client.pipeline, [("MAIL", "FROM:<>"), ("DATA", "")])
 
 
 class TransferTests(SynchronousTestCase):

@@ -312,6 +312,22 @@ class StateStoreContract(_ContractBase):
         self.assertEqual((journal["a"].first_seen, journal["a"].changed), (100.0, 301.0))
         self.assertEqual(journal["z"].state, JournalState.DROPPED)
 
+    async def test_journalMarks(self) -> None:
+        """Several marks in one transaction (a delivered message and the next one
+        started): all are committed, or none when one of them fails."""
+        store = await self.open()
+        account = await store.add_account(account_fields(), 1.0)
+        await store.journal_seen(account.id, ["a", "b"], 100.0)
+        await store.journal_marks(
+            account.id, [("a", JournalState.DELIVERED, "<a@x>"), ("b", JournalState.STARTED, None)], 200.0
+        )
+        journal = await store.journal(account.id)
+        self.assertEqual((journal["a"].state, journal["a"].message_id), (JournalState.DELIVERED, "<a@x>"))
+        self.assertEqual((journal["b"].state, journal["b"].changed), (JournalState.STARTED, 200.0))
+        broken = [("b", JournalState.DELIVERED, "<b@x>"), (None, JournalState.STARTED, None)]
+        await self.assertFailure(store.journal_marks(account.id, broken, 300.0), StateError)  # type: ignore[arg-type]
+        self.assertEqual((await store.journal(account.id))["b"].state, JournalState.STARTED)
+
     async def test_journalRequiresAccount(self) -> None:
         """A journal entry of a deleted account is refused (StateError)."""
         store = await self.open()

@@ -127,6 +127,10 @@ class Poll(_MessageDelivery):
         self._smtp_clients: list[SmtpClient] = []
         self._quit = False
         self._deletes = 0
+        self._dele_answers = []
+        self._pipelining = False
+        self._upcoming = None
+        self._prestarted = None
         self._delivered_ids: dict[str, str] = {}
         #: the SMTP client while a DATA is under way before its final dot
         self._relay: SmtpClient | None = None
@@ -179,7 +183,8 @@ class Poll(_MessageDelivery):
         self._password = ""
         session = self._session = Pop3Session(login, self.clock, timeout=self.settings.pop3_timeout)
         capabilities = await session.capabilities()
-        if "PIPELINING" in capabilities:
+        self._pipelining = "PIPELINING" in capabilities
+        if self._pipelining:
             uidl_answer = session.listing("UIDL")
             list_answer = session.listing("LIST")
             try:
@@ -204,7 +209,9 @@ class Poll(_MessageDelivery):
         }
         stopped: _StopPoll | LeaseLost | None = None
         try:
-            for remote in messages:
+            for index, remote in enumerate(messages):
+                following = messages[index + 1] if index + 1 < len(messages) else None
+                self._upcoming = None if following is None else (following, journal.get(following.uidl))
                 if self._lease is not None and self._lease.lost is not None:
                     raise self._lease.lost
                 if self._stopping():
@@ -215,10 +222,12 @@ class Poll(_MessageDelivery):
                     self._progress(self.report)
         except (_StopPoll, LeaseLost) as e:
             stopped = e
+        await self._unstart()  # a message marked "started" ahead that the poll did not reach
         # Apply the deletions done so far (QUIT), even when a message ended the poll
         # early; not after a broken connection, which the server rolls back.
         if not session.broken:
             try:
+                await self._deleted_all()
                 self._quit = await session.quit()
             except Pop3Error:
                 self._quit = False

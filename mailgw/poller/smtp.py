@@ -1,7 +1,8 @@
 """The poller's SMTP client: delivers to the local domain's mail server
 (``poller.smtp_host``) [6].
 
-A small protocol over the codec of L{mailgw.wire.smtp}: commands are sent one at a time
+A small protocol over the codec of L{mailgw.wire.smtp}: commands are sent one at a time,
+or several in one write to a server that offers PIPELINING (L{SmtpClient.pipeline}),
 and their replies assembled by L{ReplyReader}; during DATA the caller writes the
 message (already dot-stuffed) straight to the transport, with a producer registered
 so that the transport's buffer paces the POP3 side.
@@ -115,6 +116,19 @@ class SmtpClient(Protocol):
         if verb.upper() == "DATA":
             waiter.addCallback(self._data_started)
         return waiter
+
+    def pipeline(self, commands: list[tuple[str, str]]) -> list[defer.Deferred[smtp.Reply]]:
+        """Send several commands in one write (RFC 2920: for a server that offers
+        PIPELINING; not DATA, whose reply decides what comes next); one Deferred per
+        command, fired in order as by L{command}."""
+        if any(verb.upper() == "DATA" for verb, _ in commands):
+            raise ValueError("DATA ends a pipelined group only when its reply is awaited alone")
+        if self._error is not None:
+            return [defer.fail(self._error) for _ in commands]
+        waiters = [self._expect(self.timeout) for _ in commands]
+        assert self.transport is not None
+        self.transport.write(b"".join(smtp.format_command(verb, argument) for verb, argument in commands))
+        return waiters
 
     def _data_started(self, reply: smtp.Reply) -> smtp.Reply:
         self.in_data = reply.code == 354

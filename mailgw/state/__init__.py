@@ -227,6 +227,14 @@ class IStateStore(Interface):
         the Deferred fires once the change is committed to stable storage.  A
         C{message_id} of C{None} keeps the one recorded."""
 
+    def journal_marks(
+        account_id: int,  # noqa: N805 - zope.interface declarations have no self
+        marks: Sequence[tuple[str, JournalState, str | None]],
+        now: float,
+    ) -> defer.Deferred[None]:
+        """L{journal_mark} for several messages (uidl, state, message_id) in one
+        transaction: all of them are committed to stable storage, or none."""
+
     def journal_prune(
         account_id: int,  # noqa: N805 - zope.interface declarations have no self
         present: Collection[str],

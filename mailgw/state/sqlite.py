@@ -424,13 +424,20 @@ class SQLiteState:
     def journal_mark(
         self, account_id: int, uidl: str, state: JournalState, now: float, message_id: str | None = None
     ) -> defer.Deferred[None]:
+        return self.journal_marks(account_id, [(uidl, state, message_id)], now)
+
+    def journal_marks(
+        self, account_id: int, marks: Sequence[tuple[str, JournalState, str | None]], now: float
+    ) -> defer.Deferred[None]:
+        rows = [(account_id, uidl, JournalState(state).value, mid, now, now) for uidl, state, mid in marks]
+
         def mark(db: sqlite3.Connection) -> None:
-            db.execute(
+            db.executemany(
                 "INSERT INTO poll_journal (account_id, uidl, state, message_id, first_seen, changed) "
                 "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (account_id, uidl) DO UPDATE SET state = excluded.state, changed = excluded.changed, "
                 "message_id = COALESCE(excluded.message_id, poll_journal.message_id)",
-                (account_id, uidl, JournalState(state).value, message_id, now, now),
+                rows,
             )
 
         return self._call(self._write, mark)

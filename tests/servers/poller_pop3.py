@@ -10,7 +10,9 @@ UIDL lines, no PIPELINING, no UIDL at all.
 
 It speaks USER/PASS (any password but ``wrong``), CAPA, STAT, UIDL, LIST, RETR (with
 dot-stuffing), DELE, RSET, NOOP and QUIT (which applies the deletions).  Every command
-line is kept in :attr:`FakePop3Server.commands`.
+line is kept in :attr:`FakePop3Server.commands`.  With ``dele_delay`` it answers each
+DELE late, and counts in :attr:`FakePop3Server.overlapped` the commands a client sent
+before reading that answer (a pipelining client does; one that waits does not).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _Pop3(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.pending: set[int] = set()
+        self.backlog: list[bytes] | None = None
         self.user = ""
         self.logged_in = False
         self.sendLine(b"+OK fake POP3 ready")
@@ -41,6 +44,24 @@ class _Pop3(LineOnlyReceiver):
         self.factory.connection_closed()
 
     def lineReceived(self, line: bytes) -> None:
+        server = self.factory
+        if self.backlog is not None:
+            # A DELE's answer is still held: the client sent this before reading it.
+            server.overlapped += 1
+            self.backlog.append(line)
+            return
+        self.answer(line)
+
+    def release(self) -> None:
+        """Send the held DELE answer, then answer what arrived meanwhile, in order."""
+        backlog, self.backlog = self.backlog or [], None
+        self.sendLine(b"+OK deleted")
+        while backlog and self.backlog is None:
+            self.answer(backlog.pop(0))
+        if self.backlog is not None:
+            self.backlog[:0] = backlog
+
+    def answer(self, line: bytes) -> None:
         server = self.factory
         server.commands.append(line)
         verb, _, argument = line.partition(b" ")
@@ -86,7 +107,11 @@ class _Pop3(LineOnlyReceiver):
             self.multi(b"+OK message follows", lines)
         elif verb == b"DELE":
             self.pending.add(int(argument))
-            self.sendLine(b"+OK deleted")
+            if server.dele_delay:
+                self.backlog = []
+                reactor.callLater(server.dele_delay, self.release)  # type: ignore[attr-defined]
+            else:
+                self.sendLine(b"+OK deleted")
         elif verb == b"RSET":
             self.pending.clear()
             self.sendLine(b"+OK")
@@ -123,12 +148,17 @@ class FakePop3Server(Factory):
         uidl_lines: Sequence[bytes] | None = None,
         pipelining: bool = True,
         supports_uidl: bool = True,
+        dele_delay: float = 0.0,
     ) -> None:
         self.messages = list(messages)
         self.uidl_lines = None if uidl_lines is None else list(uidl_lines)
         self.supports_uidl = supports_uidl
         self.extra_capabilities = [b"PIPELINING"] if pipelining else []
         self.commands: list[bytes] = []
+        #: answer each DELE this many seconds late (0: at once) ...
+        self.dele_delay = dele_delay
+        #: ... and count the commands that arrived before that answer was sent
+        self.overlapped = 0
         self.deleted: set[int] = set()
         self.port = 0
         self._open = 0

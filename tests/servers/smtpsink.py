@@ -18,6 +18,7 @@ it does not know get ``502``.
 
 from __future__ import annotations
 
+import socket
 import socketserver
 import threading
 import time
@@ -46,6 +47,13 @@ class SinkMessage:
 
 class _Handler(socketserver.StreamRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        # Each reply is flushed as it is made; without this, the second of two
+        # replies to pipelined commands (RFC 2920) would wait for the client's
+        # delayed ACK (Nagle).  Servers that batch their replies need no such thing.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
 
     def reply(self, text: str) -> None:
         self.wfile.write(text.encode("ascii") + b"\r\n")
