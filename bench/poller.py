@@ -65,6 +65,7 @@ def run_mailgw(bench: Bench, base: Path, sink: SmtpSink, cpu: int | None, spy: P
         "seconds": outcome["seconds"],
         "messages_per_second": moved / outcome["seconds"],
         "cpu_ms_per_message": outcome["cpu"] * 1000 / max(moved, 1),
+        "system_cpu_ms_per_message": outcome["cpu_system"] * 1000 / max(moved, 1),
         "skipped": len(report.get("skipped", [])),
     }
 

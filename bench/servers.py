@@ -424,7 +424,9 @@ def start_mailgw(
     config_path = gateway.write_config(data)
     (gw_dir / "users.toml").write_text(_users_toml(hashes, fast_users))
     twistd = str(Path(sys.executable).parent / "twistd")
-    argv = [twistd, "-n", "--pidfile=", "mailgw", "--config", str(config_path)]
+    # BENCH_TWISTD_ARGS: more twistd options, e.g. "--profile=FILE --profiler=cprofile --savestats"
+    extra = os.environ.get("BENCH_TWISTD_ARGS", "").split()
+    argv = [twistd, "-n", "--pidfile=", *extra, "mailgw", "--config", str(config_path)]
     if pinned_to is not None:
         argv = pinned(argv, pinned_to)
     elif cpus is not None and shutil.which("taskset"):
