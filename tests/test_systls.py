@@ -83,6 +83,18 @@ class Pair:
             if not moved and not self.outgoing.pending:
                 return
 
+    def count_writes(self) -> list[bytes]:
+        """From now on, what the TLS layer writes to the TCP transport, write by write."""
+        writes: list[bytes] = []
+        tcp_write = self.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(data)
+            tcp_write(data)
+
+        self.transport.write = counted  # type: ignore[method-assign]
+        return writes
+
     def handshake(self) -> None:
         self.pump()
         self.pump()
@@ -158,14 +170,7 @@ class SystemTLSTests(TestCase):
         pair = Pair(self.context(), self.client())
         pair.handshake()
         pair.read()
-        writes: list[bytes] = []
-        tcp_write = pair.transport.write
-
-        def counted(data: bytes) -> None:
-            writes.append(data)
-            tcp_write(data)
-
-        pair.transport.write = counted  # type: ignore[method-assign]
+        writes = pair.count_writes()
 
         def answer(data: bytes) -> None:
             pair.app.received.append(data)
@@ -185,14 +190,7 @@ class SystemTLSTests(TestCase):
         """The client's Finished is answered with one TCP write: the held greeting,
         the session tickets, and what handshakeCompleted writes."""
         pair = Pair(self.context(), self.client())
-        writes: list[bytes] = []
-        tcp_write = pair.transport.write
-
-        def counted(data: bytes) -> None:
-            writes.append(data)
-            tcp_write(data)
-
-        pair.transport.write = counted  # type: ignore[method-assign]
+        writes = pair.count_writes()
 
         def completed() -> None:
             pair.tls.write(b"+OK ready\r\n")
