@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from tests.gateway import Gateway, deferLater
@@ -33,8 +33,8 @@ from tests.test_admin_daemon import MAILGWCTL, Ctl
 from tests.test_daemon import Collector, spawn_twistd
 from tests.test_integration_pop3 import in_thread
 
-MAIL_USERS = {"alice": "alice-mail", "bob": "bob-mail"}
-VPN_USERS: dict[str, tuple[str, str | None]] = {"alice": ("alice-mail", None), "bob": ("bob-mail", None)}
+MAIL_USERS = {"alice": "alice-mail", "bob": "bob-mail", **{f"user{n}": f"user{n}-mail" for n in range(8)}}
+VPN_USERS: dict[str, tuple[str, str | None]] = {user: (password, None) for user, password in MAIL_USERS.items()}
 
 
 def alive(pid: int) -> bool:
@@ -152,17 +152,25 @@ class WorkersTests(WorkersBase):
         self.assertEqual(len(set(pids)), 2)
         self.assertNotIn(status["pid"], pids)
         self.assertTrue(all(alive(pid) for pid in pids))
-        clients, seen = [], set()
-        for i in range(20):
-            clients.append(await in_thread(self.login, "alice" if i % 2 else "bob", f"127.0.0.{20 + i}"))
-            seen.add(await self.worker_of(clients[-1]))
-            if seen == {1, 2}:
+        # Both workers wait on one listening socket and the kernel wakes them in a
+        # fixed order, so one-at-a-time logins may all land on the same idle worker;
+        # overlapping logins (eight users, 20 ms apart) reach the other while the
+        # first is busy, as under real load.
+
+        async def login(n: int) -> poplib.POP3_SSL:
+            await deferLater(0.02 * n)
+            client: poplib.POP3_SSL = await in_thread(self.login, f"user{n}", f"127.0.0.{20 + n}")
+            return client
+
+        for _ in range(3):
+            clients = await defer.gatherResults([defer.Deferred.fromCoroutine(login(n)) for n in range(8)])
+            listed = await self.sessions()
+            for client in clients:
+                client.sock.close()
+            if {s["node"] for s in listed} == {"mailgw-test/w1", "mailgw-test/w2"}:
                 break
-        self.assertEqual(seen, {1, 2})
-        listed = await self.sessions()
         self.assertEqual({s["node"] for s in listed}, {"mailgw-test/w1", "mailgw-test/w2"})
-        for client in clients:
-            client.sock.close()
+        self.assertEqual({int(s["worker"]) for s in listed}, {1, 2})
 
     async def test_simultaneousLoginsAcrossWorkers(self) -> None:
         """simultaneous_logins = 1: of six logins or more of one user from different
