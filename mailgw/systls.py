@@ -238,14 +238,17 @@ class SystemTLSProtocol:
                 self._await_close_alert()
             return
         self._in.write(data)
-        # What this data makes both sides write (handshake records, the held
-        # greeting, tickets, answers) goes out in one send, at the end.
-        self._holding = True
+        self._batched(self._received)
+
+    def _batched(self, step: Callable[[], None]) -> None:
+        """Run C{step}: what it makes written (handshake records, the held greeting,
+        tickets, answers, a key update's answer) goes out in one send, at the end."""
+        outer, self._holding = self._holding, True
         try:
-            self._received()
+            step()
         finally:
-            self._holding = False
-        if self._state != _CLOSED:
+            self._holding = outer
+        if not outer and self._state != _CLOSED:
             self._flush()
 
     def _received(self) -> None:
@@ -304,10 +307,6 @@ class SystemTLSProtocol:
                 self.wrapped.dataReceived(data)
         finally:
             self._delivering = False
-        if self._state == _OPEN:
-            # what the wrapped protocol wrote meanwhile, and what reading may have
-            # produced (a key update's answer), in one send
-            self._flush()
 
     def _flush(self) -> None:
         data = self._out.read()
@@ -331,8 +330,8 @@ class SystemTLSProtocol:
                 except ssl.SSLError as e:
                     self._fail(e)
                     return
-                if not (self._delivering or self._holding):
-                    self._flush()  # else once, at the end of the delivery: one send for all
+                if not self._holding:
+                    self._flush()  # else once, at the end of the batch (L{_batched})
         elif self._state == _HANDSHAKE and self._held is not None:
             self._held.append(data)
 
@@ -405,7 +404,7 @@ class SystemTLSProtocol:
         self._paused = False
         self.transport.resumeProducing()
         if self._state == _OPEN:
-            self._deliver()
+            self._batched(self._deliver)
 
     def stopProducing(self) -> None:
         self.loseConnection()

@@ -395,6 +395,18 @@ class FailureTests(PollerTestCase):
         journal = await h.state.journal(account["id"])
         self.assertEqual(journal["uid-2"].state.value, "seen")
 
+    async def test_startedAheadThenDropped(self) -> None:
+        """A message marked "started" ahead that is then dropped (no recipient at the
+        domain) stays "dropped": its "started" is not undone over it."""
+        h = await self.harness()
+        messages = [message([("To", "user1@example.com")]), message([("To", "someone@elsewhere.example")])]
+        server = await FakePop3Server.listening(self, messages)
+        account = await h.add_account(host="127.0.0.1", port=server.port, tls="none", ca=None)
+        report = await h.poll(account["id"])
+        self.assertEqual((report.delivered, report.deleted), (1, 2))
+        journal = await h.state.journal(account["id"])
+        self.assertEqual(journal["uid-2"].state.value, "dropped")
+
     async def test_keptMessageNotStartedAhead(self) -> None:
         """With leave_on_server, a delivered message kept on the server is never
         marked "started" ahead (which would deliver it again on the next poll)."""

@@ -329,6 +329,23 @@ class SystemTLSTests(TestCase):
         self.assertEqual(pair.transport.producerState, "producing")
         self.assertEqual(b"".join(pair.app.received), b"one\r\ntwo\r\n")
 
+    def test_answersAfterResumeInOneSend(self) -> None:
+        """Reading resumes (a login finished): the answers to the commands held
+        meanwhile reach the TCP transport as one write."""
+        pair = Pair(self.context(), self.client())
+        pair.handshake()
+        pair.read()
+        pair.tls.pauseProducing()
+        pair.client.write(b"one\r\n")
+        pair.client.write(b"two\r\n")
+        pair.tls.dataReceived(pair.outgoing.read())
+        pair.app.dataReceived = lambda data: pair.tls.write(b"+OK " + data)  # type: ignore[method-assign]
+        writes = pair.count_writes()
+        pair.tls.resumeProducing()
+        self.assertEqual(len(writes), 1)
+        pair.pump()
+        self.assertEqual(pair.read(), b"+OK one\r\n+OK two\r\n")
+
     def test_pauseWhileDelivering(self) -> None:
         """A pause from inside the wrapped protocol's C{dataReceived} stops at once; a
         resume from inside it does not hand on data out of order."""

@@ -465,9 +465,13 @@ class _MessageDelivery:
     async def _abandon(self, remote: _Remote, message_id: str | None) -> None:
         """The delivery surely did not happen (no final dot, or a refusal): back to
         "seen", so that the next attempt is not reported as a possible duplicate."""
+        await self._mark(remote, JournalState.SEEN, message_id)
+
+    async def _mark(self, remote: _Remote, state: JournalState, message_id: str | None) -> None:
+        """Journal C{state} for C{remote}, which replaces a "started" marked ahead."""
         if self._prestarted == remote.uidl:
             self._prestarted = None
-        await self.state.journal_mark(self.account.id, remote.uidl, JournalState.SEEN, self.clock.seconds(), message_id)
+        await self.state.journal_mark(self.account.id, remote.uidl, state, self.clock.seconds(), message_id)
 
     async def _drop(
         self,
@@ -481,11 +485,7 @@ class _MessageDelivery:
         transfer.discard()
         await self._finish(transfer)
         self._skip(remote.uidl, remote.number, kind, reason)
-        if self._prestarted == remote.uidl:
-            self._prestarted = None
-        await self.state.journal_mark(
-            self.account.id, remote.uidl, JournalState.DROPPED, self.clock.seconds(), message_id
-        )
+        await self._mark(remote, JournalState.DROPPED, message_id)
         if self._should_delete(entry):
             await self._dele(remote)
 
